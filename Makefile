@@ -1,0 +1,29 @@
+# make test   — create/reuse the virtualenv, install requirements, run the test suite
+# make venv   — only build the virtualenv
+# The virtualenv lives OUTSIDE the clone, keyed by a hash of requirements.txt, so a fresh
+# clone (or CI) reuses it and a change of requirements builds a new one.
+PYTHON   ?= python3
+REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-12)
+VENV     ?= $(HOME)/.cache/g2rpo/venv-$(REQ_HASH)
+PY       := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: test venv clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	@echo "building virtualenv in $(VENV) (first time: ~6 GB, several minutes)"
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+# pytest exits 5 when it collects no test: that is a failure here, not a pass.
+test: venv
+	@$(PY) -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -- treating as failure"; exit 1; fi; \
+	exit $$rc
+
+clean-venv:
+	rm -rf $(VENV)

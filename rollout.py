@@ -1,0 +1,155 @@
+"""Singular Stochastic Sampling (Sec. 3.2) with the strided ODE schedules of Eq. 10 (Sec. 3.3).
+
+For one prompt and one shared initial noise x_T:
+  1. one deterministic anchor trajectory (Eq. 1) over the whole grid, keeping its velocities;
+  2. for each SDE step k in M: G directions from the shared x_k in ONE Euler-Maruyama step
+     (Eq. 3), reusing the anchor's velocity at x_k, so the SDE step costs no model evaluation;
+  3. each branch continued to a clean image by ODE at every granularity lambda in Lambda, on
+     the strided grid of Eq. 10. A velocity that several granularities need (same branch, same
+     grid prefix, hence the same state) is evaluated once; all nodes of one depth, across
+     branches and granularities, go to the model in ONE batched call (per-sample t).
+
+    code        paper
+    ----        -----
+    k           SDE step; grid index 0..T-1 (the paper counts down: k_paper = T - k)
+    M           the SDE steps trained on (default: the first T/2 grid indices, paper {16..9})
+    G           group size (branches per k)
+    Lambda, lam granularities Lambda and lambda
+    x_k         x_k, shared by the G branches
+    x_next      {x^i_{k-1}}, the G states after the SDE step
+    images      x^{i,j}_{0<-k}, per granularity
+
+Grid convention (Eq. 10): after the SDE step lands on grid index j = k + 1, the ODE steps start at
+j, j + lam, j + 2 lam, ... (Eq. 10's S = {1, 1 + lam, ...} counted from the SDE step) and each goes
+to the next such point, or to t = 0 if that comes first. The last step may therefore be shorter,
+and it equals the x0-prediction x - t v at the last strided point (the reference code's ending).
+Number of ODE steps: ceil((T - k - 1) / lam); lam = 1 is the full grid. `fine_first=True` selects
+the reference code's variant (one fine step to j + 1, then every lam-th point), in which the first
+two velocities of a branch are shared by all granularities.
+
+v(x, t) is any velocity function: x (B, ...), t (B,) -> (B, ...). Conditioning is closed over.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from sde import ode_step, sde_step
+
+
+def strided_grid(T: int, k: int, lam: int, fine_first: bool = False) -> list:
+    """Grid indices visited after the SDE step k -> k + 1: strictly increasing, from k + 1 to T."""
+    if not 0 <= k < T:
+        raise ValueError(f"SDE step k={k} must be a grid index in [0, {T - 1}] for T={T}")
+    if lam < 1:
+        raise ValueError(f"granularity lambda must be an integer >= 1, got {lam}")
+    j = k + 1
+    start = j + 1 if fine_first else j
+    pts = ([j] if fine_first else []) + list(range(start, T, lam)) + [T]
+    return sorted(set(pts))
+
+
+def default_sde_steps(T: int) -> list:
+    """The paper's M: the first (noisiest) half of the grid, k = 0 .. T/2 - 1."""
+    return list(range(T // 2))
+
+
+@dataclass
+class Group:
+    """One SDE step k of one prompt."""
+    k: int
+    x_k: torch.Tensor  # (1, ...) shared state
+    x_next: torch.Tensor  # (G, ...) states after the SDE step
+    log_prob: torch.Tensor  # (G,) old log-probabilities of x_next (fp32, mean over dims)
+    images: dict  # lam -> (G, ...) clean latents x_{0<-k}
+
+
+@dataclass
+class Rollout:
+    sigmas: torch.Tensor  # (T + 1,)
+    anchor: torch.Tensor  # (T + 1, ...) deterministic trajectory, anchor[T] is its image
+    anchor_v: torch.Tensor  # (T, ...) its velocities
+    groups: list = field(default_factory=list)  # one Group per k in M
+    calls: int = 0  # batched calls of v
+    evals: int = 0  # per-sample evaluations (sum of batch sizes)
+
+
+@torch.no_grad()
+def singular_rollout(v, x_T, sigmas, M, G, Lambda=(1, 2, 3), eta=0.7, schedule="flowgrpo",
+                     fine_first=False, generator=None) -> Rollout:
+    """Algorithm 1, lines 7-19, for one prompt. x_T: (1, ...) shared initial noise."""
+    T = len(sigmas) - 1
+    _check(T, M, G, Lambda)
+    out = Rollout(sigmas=sigmas, anchor=None, anchor_v=None)
+
+    def call(x, t):  # every model evaluation goes through here and is counted
+        out.calls, out.evals = out.calls + 1, out.evals + x.shape[0]
+        return v(x, t.to(x.device, x.dtype))
+
+    # 1. anchor trajectory (Eq. 1)
+    xs, vs = [x_T], []
+    for i in range(T):
+        vs.append(call(xs[i], sigmas[i : i + 1]))
+        xs.append(ode_step(xs[i], vs[i], sigmas[i], sigmas[i + 1]))
+    out.anchor, out.anchor_v = torch.cat(xs), torch.cat(vs)
+
+    for k in M:
+        # 2. one SDE step, G directions, shared x_k and shared velocity (no evaluation)
+        x_k, v_k = xs[k], vs[k]
+        rep = (G,) + (-1,) * (x_k.ndim - 1)
+        x_next, logp, _, _ = sde_step(x_k.expand(rep), v_k.expand(rep), sigmas[k], sigmas[k + 1],
+                                      eta, schedule, generator=generator)
+        # 3. ODE continuations on the strided grids; a node = a grid prefix (shared by its lams)
+        paths = {lam: strided_grid(T, k, lam, fine_first) for lam in Lambda}
+        state = {(k + 1,): x_next}  # prefix -> (G, ...)
+        d = 0
+        while nodes := sorted({tuple(p[: d + 1]) for p in paths.values() if len(p) > d + 1}):
+            x = torch.cat([state[n] for n in nodes])  # (len(nodes) * G, ...)
+            t = torch.cat([sigmas[n[-1]].repeat(G) for n in nodes])
+            vel = call(x, t).split(G)
+            for n, vn in zip(nodes, vel):
+                for p in paths.values():
+                    child = tuple(p[: d + 2])
+                    if tuple(p[: d + 1]) == n and len(p) > d + 1 and child not in state:
+                        state[child] = ode_step(state[n], vn, sigmas[n[-1]], sigmas[p[d + 1]])
+            d += 1
+        images = {lam: state[tuple(p)] for lam, p in paths.items()}
+        out.groups.append(Group(k=k, x_k=x_k, x_next=x_next, log_prob=logp, images=images))
+    return out
+
+
+def predicted_evaluations(T, M, G, Lambda, fine_first=False):
+    """(batched calls, per-sample evaluations) that singular_rollout makes, in closed form."""
+    calls, evals = T, T  # anchor, batch 1
+    for k in M:
+        n = T - k - 1  # fine ODE steps left after the SDE step
+        if n == 0:
+            continue
+        if fine_first:
+            steps = {lam: 1 + math.ceil((n - 1) / lam) for lam in Lambda}
+            shared = min(2, n)  # velocities at x_{k+1} and x_{k+2}
+        else:
+            steps = {lam: math.ceil(n / lam) for lam in Lambda}
+            shared = 1  # velocity at x_{k+1}
+        calls += max(steps.values())
+        evals += G * (shared + sum(s - shared for s in steps.values()))
+    return calls, evals
+
+
+def paper_cost(M_paper, Lambda=(1, 2, 3)):
+    """Sec. 11's formula: S_lam = sum_m floor(m / lam); returns (total, overhead of lam > 1).
+
+    For M = {16, ..., 9} it gives 100 + 48 + 31 = 179 and 44.1 %; the paper prints 184 and 45.7 %.
+    """
+    S = {lam: sum(m // lam for m in M_paper) for lam in Lambda}
+    total = sum(S.values())
+    return total, (total - S.get(1, 0)) / total
+
+
+def _check(T, M, G, Lambda):
+    if G < 2:
+        raise ValueError(f"group size G must be >= 2 to normalise advantages, got {G}")
+    if not Lambda or any(int(l) != l or l < 1 for l in Lambda) or len(set(Lambda)) != len(Lambda):
+        raise ValueError(f"Lambda must be distinct integers >= 1, got {Lambda}")
+    if not M or any(not 0 <= k < T for k in M):
+        raise ValueError(f"SDE steps M must be non-empty grid indices in [0, {T - 1}], got {M}")
