@@ -39,7 +39,7 @@ def sigma_grid(T: int, shift: float = 3.0) -> torch.Tensor:
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, t, t_next) -> torch.Tensor:
     """Eq. 1: one Euler step x + v * (t_next - t). t, t_next: floats or (B,) tensors."""
-    return x + v * _bcast(t_next - _as_tensor(t, x), x)
+    return x + v * _bcast(_as_tensor(t_next, x) - _as_tensor(t, x), x)
 
 
 def x0_prediction(x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
