@@ -1,0 +1,262 @@
+"""FLUX.1-dev as the policy of G2RPO: the velocity v_theta(x_t, t, c) that Eqs. 1-3 step with.
+
+The transformer is called exactly as diffusers' FluxPipeline calls it, so that sampling with
+sde.ode_step on our grid reproduces the pipeline's own images (tests/test_flux.py checks it).
+
+    code            paper / meaning
+    ----            ---------------
+    x               x_t, packed latents (B, L, C): 2x2 patches of the (c, h, w) latent as tokens,
+                    L = (h/2)(w/2), C = 4c (c = 16 with the VAE -> C = 64; 720 px: L = 2025)
+    t               (B,) sigmas in [0, 1], t = 1 noise; samples of one batch may differ. The
+                    transformer gets timestep = t (it multiplies by 1000 inside)
+    cond            c: T5 sequence embeddings (1, S, 4096), S = max_sequence_length (512), and the
+                    CLIP pooled embedding (1, 768), as FluxPipeline.encode_prompt computes them
+    guidance        the distilled guidance scale (3.5) fed as an embedding; there is no CFG
+    f               pixels per latent cell: 8 with the VAE, 1 in pixel-space mode
+    img_ids, txt_ids  rotary position ids: (0, row, col) per packed token, zeros per text token
+
+Pixel-space mode (the CPU toy world): when model_index.json names no VAE, the latent IS the RGB
+image in [-1, 1] (c = 3, f = 1, C = 12) and decoding is (x + 1) / 2. With the VAE, decoding is
+vae.decode(x / scaling_factor + shift_factor) / 2 + 0.5, both clamped to [0, 1].
+
+The text encoders (9 GB for T5-XXL) are never kept: `encode_prompts` loads them, encodes what is
+missing, stores the embeddings (in memory, or one .pt file per prompt under cache_dir, keyed by a
+fingerprint of the encoders, the max length, the dtype and the prompt) and frees them again.
+"""
+import gc
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+LAYOUT = "model_index.json, transformer/, vae/ (optional), " + "/, ".join(ENCODER_PARTS) + "/"
+DEFAULTS = {"height": 720, "width": 720, "max_sequence_length": 512, "guidance": 3.5}  # the paper's
+
+
+@dataclass
+class Cond:
+    """The conditioning c of one prompt (batch 1)."""
+    prompt_embeds: torch.Tensor  # (1, S, D) T5 sequence
+    pooled: torch.Tensor  # (1, P) CLIP pooled
+
+
+class FluxPolicy:
+    """The transformer (+ VAE) held in memory; prompts encoded on demand.
+
+    Conventions chosen here, against FluxPipeline.__call__ (which the parity test matches in fp32):
+    - x stays float32 between steps and only the transformer runs in `dtype`; the pipeline keeps
+      its latents in the model dtype (bf16 for FLUX.1-dev), rounding x after every step.
+    - x_T is drawn in float32; the pipeline draws it in the text encoders' dtype.
+    - default size 720x720 (the paper's training size; the pipeline's default is 1024), and a size
+      that is not a multiple of 2f is refused (the pipeline silently rounds it down).
+    """
+
+    def __init__(self, root, transformer, vae, height, width, max_sequence_length, guidance,
+                 device="cpu", dtype=torch.bfloat16, cache_dir=None):
+        self.root, self.transformer, self.vae = Path(root), transformer, vae
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_sequence_length, self.guidance = int(max_sequence_length), float(guidance)
+        if not 0 < self.max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be in [1, 512] (T5 limit), got {max_sequence_length}")
+        self.c = 3 if vae is None else vae.config.latent_channels
+        self.f = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        if transformer.config.in_channels != 4 * self.c:
+            raise ValueError(f"transformer in_channels={transformer.config.in_channels} but "
+                             f"{'pixel space (no VAE)' if vae is None else 'the VAE'} gives 4 x {self.c}")
+        if height % (2 * self.f) or width % (2 * self.f):
+            raise ValueError(f"height and width must be multiples of {2 * self.f}, got {height}x{width}")
+        self.height, self.width = int(height), int(width)
+        self.h, self.w = height // self.f, width // self.f  # unpacked latent grid
+        rows, cols = torch.meshgrid(torch.arange(self.h // 2), torch.arange(self.w // 2), indexing="ij")
+        self.img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(self.device)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._memory = {}  # key -> Cond on CPU, when there is no cache_dir
+        self._fingerprint = None
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, height=None, width=None,
+                        max_sequence_length=None, guidance=None, cache_dir=None):
+        """Load a local diffusers FLUX folder. Unset options come from its g2rpo.json, else DEFAULTS."""
+        root = Path(path)
+        hint = (f"expected a local diffusers FLUX folder as FluxPipeline.save_pretrained writes it "
+                f"({LAYOUT}); download black-forest-labs/FLUX.1-dev there, or save the toy model (toy.py)")
+        if not (root / "model_index.json").is_file():
+            what = "has no model_index.json" if root.is_dir() else "does not exist"
+            raise FileNotFoundError(f"FLUX model folder {root} {what}: {hint}")
+        index = json.loads((root / "model_index.json").read_text())
+        has_vae = (index.get("vae") or [None])[0] is not None  # no entry, null or [null, null]
+        for sub in ("transformer",) + ("vae",) * has_vae + ENCODER_PARTS:
+            if not (root / sub).is_dir():
+                raise FileNotFoundError(f"FLUX model folder {root} has no {sub}/ subfolder: {hint}")
+        extra = root / "g2rpo.json"
+        opts = {**DEFAULTS, **(json.loads(extra.read_text()) if extra.is_file() else {})}
+        given = dict(height=height, width=width, max_sequence_length=max_sequence_length, guidance=guidance)
+        opts = {k: given[k] if given[k] is not None else opts[k] for k in DEFAULTS}
+        transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=dtype) if has_vae else None
+        transformer = transformer.to(device).eval()
+        vae = vae.to(device).eval() if vae is not None else None
+        return cls(root, transformer, vae, **opts, device=device, dtype=dtype, cache_dir=cache_dir)
+
+    # ---------------------------------------------------------------- the policy v_theta(x, t, c)
+    def velocity(self, cond: Cond, transformer=None):
+        """v(x, t) for one prompt: x (B, L, C) float32, t (B,) sigmas -> (B, L, C) float32.
+
+        `transformer` defaults to self.transformer (the trainer passes its FSDP-wrapped module).
+        The prompt's embeddings are expanded to the B samples (stride 0, no copy); a cond holding B
+        prompts (batch B, one per sample) is used as is. Gradients flow under torch.enable_grad.
+        """
+        net = self.transformer if transformer is None else transformer
+        enc = cond.prompt_embeds.to(self.device, self.dtype)  # (1, S, D), a no-op after embed()
+        pooled = cond.pooled.to(self.device, self.dtype)  # (1, P)
+        txt_ids = torch.zeros(enc.shape[1], 3, device=self.device)  # (S, 3)
+        use_guidance = self.transformer.config.guidance_embeds
+
+        def v(x, t):
+            B = x.shape[0]
+            t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(B)  # (B,)
+            guidance = torch.full((B,), self.guidance, device=x.device) if use_guidance else None
+            out = net(hidden_states=x.to(self.dtype), timestep=t, guidance=guidance,
+                      encoder_hidden_states=enc.expand(B, -1, -1), pooled_projections=pooled.expand(B, -1),
+                      txt_ids=txt_ids, img_ids=self.img_ids, return_dict=False)[0]
+            return out.float()  # (B, L, C)
+        return v
+
+    # ---------------------------------------------------------------- latents and images
+    def noise(self, n: int, generator=None) -> torch.Tensor:
+        """(n, L, C) float32 x_T, drawn like FluxPipeline.prepare_latents (same generator, same x_T)."""
+        z = randn_tensor((n, self.c, self.h, self.w), generator=generator, device=self.device, dtype=torch.float32)
+        return self.pack(z)
+
+    def pack(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, c, h, w) -> (B, (h/2)(w/2), 4c): each 2x2 patch becomes one token (c, dy, dx order)."""
+        B, c, h, w = z.shape
+        z = z.view(B, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, c, 2, 2)
+        return z.reshape(B, (h // 2) * (w // 2), 4 * c)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, 4c) -> (B, c, h, w), the inverse of pack."""
+        B = x.shape[0]
+        x = x.view(B, self.h // 2, self.w // 2, self.c, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, c, h/2, 2, w/2, 2)
+        return x.reshape(B, self.c, self.h, self.w)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Clean packed latents (B, L, C) -> images (B, 3, H, W) float32 in [0, 1], batch_size at a time."""
+        images = []
+        for x in x0.split(batch_size):
+            z = self.unpack(x.float())  # (b, c, h, w)
+            if self.vae is None:  # pixel space: z is the image in [-1, 1]
+                img = z
+            else:
+                cfg = self.vae.config
+                z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+                img = self.vae.decode(z.to(self.device, self.vae.dtype), return_dict=False)[0].float()
+            images.append((img / 2 + 0.5).clamp(0, 1))
+        return torch.cat(images)
+
+    # ---------------------------------------------------------------- prompt conditioning c
+    def embed(self, prompt: str) -> Cond:
+        """The conditioning of one prompt (batch 1, on self.device), encoding it first if needed.
+
+        With a cache_dir the entry is read from disk on every call (4 MB for FLUX.1-dev), and its
+        stored fingerprint, max length, dtype and prompt are checked: a mismatch is refused."""
+        key = self._key(prompt)
+        if not self._has(key):
+            self.encode_prompts([prompt])
+        if self.cache_dir is None:
+            cond = self._memory[key]
+        else:
+            entry = torch.load(self._path(key), map_location="cpu", weights_only=True)
+            want = {"fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
+                    "dtype": str(self.dtype), "prompt": prompt}
+            got = {k: entry.get(k) for k in want}
+            if got != want:
+                raise ValueError(f"prompt cache entry {self._path(key)} was written for {got}, not {want} "
+                                 "(another text encoder, length, dtype or prompt): delete it to recompute")
+            cond = Cond(entry["prompt_embeds"], entry["pooled"])
+        return Cond(cond.prompt_embeds.to(self.device), cond.pooled.to(self.device))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, batch_size: int = 16) -> int:
+        """Encode the prompts not stored yet, store them, free the encoders. Returns how many were new."""
+        todo = [p for p in dict.fromkeys(prompts) if not self._has(self._key(p))]
+        if not todo:
+            return 0
+        tok = CLIPTokenizer.from_pretrained(self.root / "tokenizer")
+        tok_2 = T5Tokenizer.from_pretrained(self.root / "tokenizer_2")
+        clip = CLIPTextModel.from_pretrained(self.root / "text_encoder", dtype=self.dtype).to(self.device).eval()
+        t5 = T5EncoderModel.from_pretrained(self.root / "text_encoder_2", dtype=self.dtype).to(self.device).eval()
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            ids = _tokenize(tok, batch, tok.model_max_length)  # (b, 77)
+            ids_2 = _tokenize(tok_2, batch, self.max_sequence_length)  # (b, S)
+            pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output.cpu()  # (b, P)
+            seq = t5(ids_2.to(self.device), output_hidden_states=False)[0].cpu()  # (b, S, D)
+            for j, p in enumerate(batch):
+                self._store(p, Cond(seq[j:j + 1].clone(), pooled[j:j + 1].clone()))
+        del clip, t5, tok, tok_2
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return len(todo)
+
+    def fingerprint(self) -> str:
+        """Identifies the text encoders + tokenizers cheaply: every file's name and size; small files
+        (configs, vocabularies) hashed whole, weight files by three 1 MiB slices (start, middle, end).
+        An edit that only touches unsampled weight bytes of a same-size file goes unnoticed."""
+        if self._fingerprint is None:
+            h, mib = hashlib.sha256(), 1 << 20
+            for part in ENCODER_PARTS:
+                for file in sorted((self.root / part).rglob("*")):
+                    if not file.is_file():
+                        continue
+                    size = file.stat().st_size
+                    h.update(f"{file.relative_to(self.root)}:{size}\n".encode())
+                    with open(file, "rb") as fh:
+                        if size <= 4 * mib:
+                            h.update(fh.read())
+                        else:
+                            for offset in (0, size // 2, size - mib):
+                                fh.seek(offset)
+                                h.update(fh.read(mib))
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    def _key(self, prompt: str) -> str:
+        ident = json.dumps([self.fingerprint(), self.max_sequence_length, str(self.dtype), prompt])
+        return hashlib.sha256(ident.encode()).hexdigest()
+
+    def _has(self, key: str) -> bool:
+        return key in self._memory if self.cache_dir is None else self._path(key).is_file()
+
+    def _path(self, key: str) -> Path:
+        return self.cache_dir / f"{key}.pt"
+
+    def _store(self, prompt: str, cond: Cond):
+        key = self._key(prompt)
+        if self.cache_dir is None:
+            self._memory[key] = cond
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        entry = {"fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
+                 "dtype": str(self.dtype), "prompt": prompt,
+                 "prompt_embeds": cond.prompt_embeds, "pooled": cond.pooled}
+        tmp = self._path(key).with_suffix(f".tmp{os.getpid()}")
+        torch.save(entry, tmp)
+        os.replace(tmp, self._path(key))  # atomic: several processes may share the cache
+
+
+def _tokenize(tok, texts, n: int) -> torch.Tensor:
+    """(b, n) ids, padded and truncated to n tokens like FluxPipeline; warns when a prompt is cut."""
+    if max(len(ids) for ids in tok(texts).input_ids) > n:
+        warnings.warn(f"a prompt has more than {n} {type(tok).__name__} tokens: truncated, as FluxPipeline does")
+    return tok(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
