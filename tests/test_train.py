@@ -1,0 +1,127 @@
+"""train.py: real torchrun runs (2 gloo processes) of the real script on a tiny toy model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1,2", "--sde-steps", "0,1",
+        "--eta", "0.7", "--lr", "1e-3", "--clip-range", "0.05", "--mixed-precision", "fp32",
+        "--device", "cpu", "--num-samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import toy
+    d = tmp_path_factory.mktemp("toy") / "model"
+    toy.base_model(d, seed=0, cfg=toy.ToyConfig(steps=3, batch=8, heads=2, double_blocks=1, single_blocks=1),
+                   log=None)
+    prompts = d.parent / "prompts.txt"
+    prompts.write_text("\n".join(toy.TRAIN_PROMPTS[:6]) + "\n")
+    return d, prompts
+
+
+def launch(nproc, out, model, extra=(), check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29400 + os.getpid() % 500 + nproc), str(ROOT / "train.py")]
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py")]
+    cmd += ["--model", str(model[0]), "--prompts", str(model[1]), "--out", str(out), *TINY, *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+    return load_file(str(next((Path(out) / "final" / "transformer").glob("*.safetensors"))))
+
+
+def test_smoke_two_processes(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    r = launch(2, out, tiny_model, ["--iterations", "2", "--checkpoint-every", "2"])
+    assert "world size 2" in r.stdout and "model evaluations per prompt" in r.stdout
+    m = metrics(out)
+    assert [x["iteration"] for x in m] == [1, 2]
+    for rec in m:
+        for key in ("anchor_reward", "reward_per_lambda", "loss", "grad_norm", "clip_frac", "ratio_drift_mean",
+                    "adv_abs_mean", "sec_rollout", "sec_train", "model_evaluations", "peak_mem_gb",
+                    "gathered_bytes_rollout"):
+            assert key in rec, key
+        assert set(rec["reward_per_lambda"]) == {"toy-adherence@1", "toy-adherence@2"}
+        assert rec["optimizer_steps"] == 1 and rec["gathered_bytes_rollout"] > 0
+    assert m[0]["ratio_drift_max"] < 1e-4  # first update: the policy is the rollout policy
+    ck = out / "ckpt_000002"
+    assert (ck / "state.json").exists() and not list(out.glob("*.tmp"))
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    t = FluxTransformer2DModel.from_pretrained(out / "final" / "transformer")
+    pipe = FluxPipeline.from_pretrained(out / "final", transformer=t, vae=None)  # the toy has no VAE
+    assert pipe.transformer is t and (out / "samples_000000.png").exists() and (out / "samples_000002.png").exists()
+    from flux import FluxPolicy
+    base, tuned = (FluxPolicy.from_pretrained(p, dtype=torch.float32) for p in (tiny_model[0], out / "final"))
+    diff = [(x - y).abs().max().item() for x, y in zip(base.transformer.parameters(), tuned.transformer.parameters())]
+    assert max(diff) > 0  # the export holds the trained weights, not the base ones
+
+
+def test_fsdp_two_processes_equal_one_process(tiny_model, tmp_path):
+    """Same two prompts: 2 ranks x 1 prompt under FSDP == 1 rank x 2 prompts."""
+    a, b = tmp_path / "two", tmp_path / "one"
+    launch(2, a, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--prompts-per-rank", "1"])
+    launch(0, b, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--prompts-per-rank", "2"])
+    wa, wb = weights(a), weights(b)
+    base = weights_of_base(tiny_model[0])
+    moved = max((wb[k] - base[k]).abs().max().item() for k in wb)
+    assert moved > 1e-4  # the update did something
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert diff < 1e-5 * max(1.0, moved * 100), (diff, moved)
+    assert metrics(a)[0]["anchor_reward"] == pytest.approx(metrics(b)[0]["anchor_reward"], abs=1e-6)
+
+
+def weights_of_base(model_dir):
+    from safetensors.torch import load_file
+    return load_file(str(next((Path(model_dir) / "transformer").glob("*.safetensors"))))
+
+
+def test_resume_equals_straight_run(tiny_model, tmp_path):
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    launch(2, a, tiny_model, ["--iterations", "4", "--checkpoint-every", "2"])
+    launch(2, b, tiny_model, ["--iterations", "2", "--checkpoint-every", "2", "--no-export"])
+    launch(2, b, tiny_model, ["--iterations", "4", "--checkpoint-every", "2", "--resume"])
+    ma, mb = metrics(a), metrics(b)
+    assert [x["iteration"] for x in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        assert x["anchor_reward"] == pytest.approx(y["anchor_reward"], abs=1e-6)
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+    wa, wb = weights(a), weights(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--G", "1"], "--G 1"), (["--Lambda", ""], "--Lambda"), (["--Lambda", "0,1"], "--Lambda"),
+    (["--T", "8", "--sde-steps", "0,8"], "--sde-steps"), (["--eta", "-0.1"], "--eta"),
+    (["--model", "/no/such/flux"], "no such file"), (["--schedule", "ddim"], "--schedule")])
+def test_bad_arguments_stop_with_a_clear_message(argv, msg):
+    with pytest.raises(SystemExit) as e:
+        train.check_args(train.parse_args(argv))
+    assert msg in str(e.value)
+
+
+def test_defaults_are_table_4(tmp_path):
+    a = train.parse_args(["--model", str(tmp_path), "--prompts", __file__])
+    assert (a.G, a.T, a.eta, a.shift, a.Lambda, a.lr, a.weight_decay, a.max_grad_norm, a.clip_range,
+            a.adv_clip, a.seed, a.sampler_seed, a.mixed_precision) == \
+        (12, 16, 0.7, 3.0, "1,2,3", 2e-6, 1e-4, 1.0, 1e-4, 5.0, 42, 1223627, "bf16")
+    assert train.check_args(a)[1] == list(range(8))  # M = the first half of the steps
