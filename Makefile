@@ -27,3 +27,12 @@ test: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The small CPU world end to end: base model (pretrained on first use, ~5 min) and its rewards,
+# G2RPO on 2 processes, then the trained model's rewards and samples.
+DEMO_OUT ?= runs/demo
+.PHONY: demo
+demo: venv
+	$(PY) toy.py --T 8 --n 16 --grid $(DEMO_OUT)/base_samples.png
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 train.py --out $(DEMO_OUT)
+	$(PY) toy.py --dir $(DEMO_OUT)/final --T 8 --n 16 --grid $(DEMO_OUT)/final_samples.png

@@ -421,7 +421,7 @@ def reward_table(policy: FluxPolicy, n: int = 4, T: int = 16, seed: int = 0) -> 
     for split, prompts in (("train", TRAIN_PROMPTS), ("held-out", HELDOUT_PROMPTS)):
         ps = [p for p in prompts for _ in range(n)]
         seeds = torch.randint(2**31, (len(ps),), generator=g).tolist()
-        rows[f"base, {split}"] = (sample(policy, ps, seeds, T), ps)
+        rows[f"model, {split}"] = (sample(policy, ps, seeds, T), ps)
     ps = [p for p in TRAIN_PROMPTS + HELDOUT_PROMPTS for _ in range(n)]
     attrs = [parse(p) for p in ps]
     r = size * (RADIUS[0] + (RADIUS[1] - RADIUS[0]) * torch.rand(len(ps), generator=g))

@@ -71,8 +71,8 @@ class Args:
     device: str = ""  # cuda or cpu (empty: cuda if available)
 
 
-TOY_PRESET = dict(reward="toy-adherence", iterations=30, G=8, T=8, lr=1e-4, weight_decay=0.0,
-                  clip_range=1e-2, mixed_precision="fp32", checkpoint_every=10, num_samples=16)
+TOY_PRESET = dict(reward="toy-adherence", iterations=50, G=8, T=8, lr=1e-4, weight_decay=0.0,
+                  clip_range=1e-2, mixed_precision="fp32", checkpoint_every=25)  # make demo: ~3 min on 2 cores
 
 
 def parse_args(argv=None) -> Args:
@@ -139,6 +139,8 @@ def setup_distributed(device_pref: str):
     use_cuda = (device_pref or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     if use_cuda:
         torch.cuda.set_device(local)
+    if not use_cuda:  # small CPU matmuls: one thread per process beats oversubscribed spinning
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     return rank, world, device
@@ -373,7 +375,10 @@ def main(argv=None):
         (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
     n_total = len(M) * a.prompts_per_rank
     metrics_file = out / "metrics.jsonl"
-    grid_prompts = prompts[: max(1, a.num_samples // 2)]
+    if is_main and metrics_file.exists():  # keep only what the checkpoint we continue from has seen
+        keep = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["iteration"] <= start]
+        metrics_file.write_text("".join(l + "\n" for l in keep))
+    grid_prompts = prompts[: max(1, a.num_samples // 2)] if a.model else list(toy.GRID_PROMPTS)
     if start == 0:
         write_samples(policy, grid_prompts, a, out / "samples_000000.png", is_main)
     bar = tqdm(range(start, a.iterations), initial=start, total=a.iterations, disable=not is_main,
