@@ -471,8 +471,12 @@ def plot_curve(metrics_file: Path, path: Path):
     import matplotlib.pyplot as plt
     recs = [json.loads(l) for l in metrics_file.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(5, 3.2))
+    its = [r["iteration"] for r in recs]
     for name in recs[0]["anchor_reward"]:
-        ax.plot([r["iteration"] for r in recs], [r["anchor_reward"][name] for r in recs], label=name)
+        y = np.array([r["anchor_reward"][name] for r in recs])
+        avg = np.convolve(y, np.ones(10), "full")[: len(y)] / np.minimum(np.arange(1, len(y) + 1), 10)
+        line, = ax.plot(its, y, alpha=0.3, lw=1)
+        ax.plot(its, avg, color=line.get_color(), lw=2, label=f"{name} (mean of last 10)")
     ax.set_xlabel("iteration"), ax.set_ylabel("reward of the ODE sample"), ax.legend(), fig.tight_layout()
     fig.savefig(path.with_suffix(".tmp.png")), plt.close(fig)
     os.replace(path.with_suffix(".tmp.png"), path)
