@@ -12,7 +12,9 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# no prerequisite on purpose: the hash in $(VENV) already names the requirements' content, and a
+# fresh clone's newer requirements.txt must not trigger a rebuild
+$(VENV)/.installed:
 	@echo "building virtualenv in $(VENV) (first time: ~6 GB, several minutes)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)

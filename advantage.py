@@ -21,12 +21,12 @@ def group_advantage(R: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Eq. 8 over the last dim. R: (..., G) -> (..., G) with zero mean, unit (unbiased) std."""
     if R.shape[-1] < 2:
         raise ValueError(f"a group needs G >= 2 members to be normalised, got shape {tuple(R.shape)}")
-    R = R.float()
+    R = R.double()  # fp64: rewards like 16.01 vs 16.02 keep their spread exactly; cheap at (..., G)
     mean = R.mean(-1, keepdim=True)
     std = R.std(-1, keepdim=True)
     # degenerate group: a spread at the level of float rounding of the rewards -> no signal
     flat = std <= eps * mean.abs()
-    return torch.where(flat, torch.zeros_like(R), (R - mean) / torch.where(flat, 1.0, std))
+    return torch.where(flat, torch.zeros_like(R), (R - mean) / torch.where(flat, 1.0, std)).float()
 
 
 def mixed_advantage(R: torch.Tensor, weights=None, adv_clip: float = 5.0) -> torch.Tensor:

@@ -77,13 +77,16 @@ TOY_PRESET = dict(reward="toy-adherence", iterations=50, G=8, T=8, lr=1e-4, weig
 
 def parse_args(argv=None) -> Args:
     import argparse
+    import inspect
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    doc = dict(line.strip().split(":", 1)[0:1] + line.split("#", 1)[1:] for line in
+               inspect.getsource(Args).splitlines() if "#" in line and ":" in line.split("#")[0])
     for f in fields(Args):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help_ = "--" + f.name.replace("_", "-"), f"{doc.get(f.name, '').strip()} (default: {f.default!r})"
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            p.add_argument(flag, type=type(f.default), default=None)
+            p.add_argument(flag, type=type(f.default), default=None, help=help_)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = {} if given.get("model") else TOY_PRESET
     return Args(**{**preset, **given})
@@ -292,12 +295,13 @@ def rollout_prompt(policy, model, rewards, prompt, x_T, sigmas, M, lams, a, gen)
     cond = policy.embed(prompt)
     ro = singular_rollout(policy.velocity(cond, model), x_T, sigmas, M, a.G, lams, a.eta, a.schedule,
                           a.fine_first, generator=gen)
+    t0 = time.time()
     with torch.no_grad():
         latents = torch.stack([torch.stack([g.images[l] for g in ro.groups]) for l in lams])  # (L, |M|, G, ...)
         images = policy.decode(torch.cat([latents.flatten(0, 2), ro.anchor[-1:]]))
         scores = torch.stack([r.score(images, [prompt] * len(images)) for r in rewards]).float().cpu()
     R = scores[:, :-1].reshape(len(rewards), len(lams), len(M), a.G)
-    return ro, cond, R, scores[:, -1]
+    return ro, cond, R, scores[:, -1], time.time() - t0
 
 
 def train_prompt(policy, model, ro, cond, A, a, n_total):
@@ -399,16 +403,16 @@ def main(argv=None):
         gathered_rollout = meter.take()
         t_roll = time.time() - t0
         # ---- advantages (Eqs. 8, 11) ----------------------------------------------------------
-        As = [mixed_advantage(R, adv_clip=a.adv_clip) for _, _, _, R, _ in results]
+        As = [mixed_advantage(R, adv_clip=a.adv_clip) for _, _, _, R, _, _ in results]
         finite = all(torch.isfinite(R).all() and torch.isfinite(A).all()
-                     for (_, _, _, R, _), A in zip(results, As))
+                     for (_, _, _, R, _, _), A in zip(results, As))
         # ---- training phase (Eq. 12) ----------------------------------------------------------
         t1 = time.time()
         model.train()
         optim.zero_grad(set_to_none=True)
         stats, grad_norm, steps = {}, float("nan"), 0
         if all_true(finite, device):
-            for (prompt, ro, cond, R, _), A in zip(results, As):
+            for (prompt, ro, cond, R, _, _), A in zip(results, As):
                 for stats in train_prompt(policy, model, ro, cond, A, a, n_total):
                     if a.step_per_k:
                         grad_norm, ok = clip_and_step(model, optim, a, device)
@@ -418,8 +422,8 @@ def main(argv=None):
             steps += ok
         t_train = time.time() - t1
         # ---- logging --------------------------------------------------------------------------
-        Rs = torch.stack([R for _, _, _, R, _ in results])  # (P, n_r, L, |M|, G)
-        anchor = torch.stack([s for *_, s in results])  # (P, n_r)
+        Rs = torch.stack([R for _, _, _, R, _, _ in results])  # (P, n_r, L, |M|, G)
+        anchor = torch.stack([r[4] for r in results])  # (P, n_r)
         local = torch.cat([Rs.mean((0, 3, 4)).flatten(), anchor.mean(0), torch.tensor([stats.get("loss", 0.0)])])
         dist.all_reduce(local)
         local /= world
@@ -434,7 +438,8 @@ def main(argv=None):
                "reward_std_in_group": Rs.std(-1).mean().item(),
                "model_evaluations": evals * len(batch), "batched_calls": calls * len(batch),
                "gathered_bytes_rollout": gathered_rollout, "gathered_bytes_train": meter.take(),
-               "sec_rollout": t_roll, "sec_train": t_train,
+               "sec_reward": sum(r[5] for r in results), "sec_rollout": t_roll - sum(r[5] for r in results),
+               "sec_train": t_train,
                "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss()) / 2**30}
         if is_main:
             with open(metrics_file, "a") as f:
