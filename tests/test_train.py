@@ -125,3 +125,21 @@ def test_defaults_are_table_4(tmp_path):
             a.adv_clip, a.seed, a.sampler_seed, a.mixed_precision) == \
         (12, 16, 0.7, 3.0, "1,2,3", 2e-6, 1e-4, 1.0, 1e-4, 5.0, 42, 1223627, "bf16")
     assert train.check_args(a)[1] == list(range(8))  # M = the first half of the steps
+
+
+def test_non_finite_gradient_never_reaches_the_weights():
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{29900 + os.getpid() % 90}", rank=0, world_size=1)
+    try:
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        before = [p.detach().clone() for p in net.parameters()]
+        a = train.Args(max_grad_norm=1.0)
+        net(torch.randn(4, 3)).sum().mul(float("nan")).backward()
+        norm, ok = train.clip_and_step(net, opt, a, torch.device("cpu"))
+        assert not ok and all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+        net(torch.randn(4, 3)).sum().backward()
+        norm, ok = train.clip_and_step(net, opt, a, torch.device("cpu"))
+        assert ok and not all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    finally:
+        dist.destroy_process_group()
