@@ -118,6 +118,36 @@ def singular_rollout(v, x_T, sigmas, M, G, Lambda=(1, 2, 3), eta=0.7, schedule="
     return out
 
 
+@torch.no_grad()
+def trajectory_rollout(v, x_T, sigmas, G, sde_steps, eta=0.7, schedule="flowgrpo", generator=None) -> Rollout:
+    """The baselines' sampling (DanceGRPO, Flow-GRPO, MixGRPO), for comparison runs: G whole
+    trajectories from the shared x_T with an SDE step (Eq. 3) at every grid index in `sde_steps` and
+    an ODE step (Eq. 1) elsewhere. The deterministic anchor rides along as row 0 of the same batched
+    calls (T calls of G + 1). One Group per SDE step; x_k holds the G branches' own states and
+    every group's images are the G final images (one reward per trajectory, Eq. 4)."""
+    T = len(sigmas) - 1
+    if G < 2 or any(not 0 <= k < T for k in sde_steps):
+        raise ValueError(f"need G >= 2 and SDE steps in [0, {T - 1}], got G={G}, steps={sde_steps}")
+    out = Rollout(sigmas=sigmas, anchor=None, anchor_v=None, calls=T, evals=T * (G + 1))
+    x = x_T.expand((G + 1,) + x_T.shape[1:])  # (G + 1, ...) row 0: anchor
+    xs, vs = [x_T], []
+    for i in range(T):
+        vel = v(x, sigmas[i].repeat(G + 1).to(x.device, x.dtype))
+        x_anchor = ode_step(x[:1], vel[:1], sigmas[i], sigmas[i + 1])
+        if i in sde_steps:
+            x_next, logp, _, _ = sde_step(x[1:], vel[1:], sigmas[i], sigmas[i + 1], eta, schedule,
+                                          generator=generator)
+            out.groups.append(Group(k=i, x_k=x[1:], x_next=x_next, log_prob=logp, images={}))
+        else:
+            x_next = ode_step(x[1:], vel[1:], sigmas[i], sigmas[i + 1])
+        xs.append(x_anchor), vs.append(vel[:1])
+        x = torch.cat([x_anchor, x_next])
+    for grp in out.groups:
+        grp.images[1] = x[1:]
+    out.anchor, out.anchor_v = torch.cat(xs), torch.cat(vs)
+    return out
+
+
 def predicted_evaluations(T, M, G, Lambda, fine_first=False):
     """(batched calls, per-sample evaluations) that singular_rollout makes, in closed form."""
     calls, evals = T, T  # anchor, batch 1

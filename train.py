@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from advantage import mixed_advantage
 from loss import g2rpo_loss
-from rollout import default_sde_steps, predicted_evaluations, singular_rollout
+from rollout import default_sde_steps, predicted_evaluations, singular_rollout, trajectory_rollout
 from sde import SCHEDULES, sde_step, sigma_grid
 
 
@@ -35,6 +35,10 @@ from sde import SCHEDULES, sde_step, sigma_grid
 class Args:
     """Defaults are the paper's Table 4 (FLUX.1-dev); without --model, TOY_PRESET overrides some."""
     model: str = ""  # local diffusers FLUX.1-dev folder; empty: the small CPU world (toy.py)
+    algo: str = "g2rpo"  # g2rpo, g2rpo-no-mgai (Lambda = {1}), or the baselines dancegrpo, flowgrpo, mixgrpo
+    train_fraction: float = 0.6  # dancegrpo: share of its SDE steps trained per iteration (random subset)
+    window: int = 4  # mixgrpo: SDE (and trained) steps in the sliding window
+    window_shift_every: int = 25  # mixgrpo: iterations before the window moves one step later
     reward: str = "hps"  # '+'-separated reward names (rewards.py), e.g. hps, hps+clip, toy-adherence
     hps_checkpoint: str = ""  # HPS_v2.1_compressed.pt (for 'hps')
     clip_model: str = ""  # open_clip DFN5B ViT-H-14-378 folder or file (for 'clip')
@@ -75,6 +79,10 @@ TOY_PRESET = dict(reward="toy-adherence", iterations=50, G=8, T=8, lr=1e-4, weig
                   clip_range=1e-2, mixed_precision="fp32", checkpoint_every=25)  # make demo: ~3 min on 2 cores
 
 
+ALGOS = ("g2rpo", "g2rpo-no-mgai", "dancegrpo", "flowgrpo", "mixgrpo")
+ALGO_PRESET = {"g2rpo-no-mgai": dict(Lambda="1"), "dancegrpo": dict(schedule="constant", eta=0.3)}
+
+
 def parse_args(argv=None) -> Args:
     import argparse
     import inspect
@@ -89,12 +97,16 @@ def parse_args(argv=None) -> Args:
             p.add_argument(flag, type=type(f.default), default=None, help=help_)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = {} if given.get("model") else TOY_PRESET
-    return Args(**{**preset, **given})
+    return Args(**{**preset, **ALGO_PRESET.get(given.get("algo", "g2rpo"), {}), **given})
 
 
 def check_args(a: Args):
     """Stop with a clear message before any work."""
     errors = []
+    if a.algo not in ALGOS:
+        errors.append(f"--algo {a.algo!r}: choose one of {ALGOS}")
+    if not 0 < a.train_fraction <= 1 or not 1 <= a.window <= a.T or a.window_shift_every < 1:
+        errors.append("--train-fraction must be in (0, 1], --window in [1, T], --window-shift-every >= 1")
     if a.G < 2:
         errors.append(f"--G {a.G}: the group needs at least 2 members to normalise advantages")
     if a.T < 2:
@@ -111,6 +123,8 @@ def check_args(a: Args):
             errors.append(f"--sde-steps {a.sde_steps!r}: grid indices must lie in [0, {a.T - 1}] for T={a.T}")
     except ValueError:
         errors.append(f"--sde-steps {a.sde_steps!r}: give comma-separated integers")
+    if a.algo == "g2rpo-no-mgai" and lams != [1]:
+        errors.append(f"--algo g2rpo-no-mgai is G2RPO with Lambda = {{1}}; drop --Lambda {a.Lambda}")
     if a.eta < 0:
         errors.append(f"--eta {a.eta}: the noise level must be >= 0")
     if a.schedule not in SCHEDULES:
@@ -290,17 +304,43 @@ class PromptSampler:
 # ------------------------------------------------------------------------------------------------
 # The algorithm
 # ------------------------------------------------------------------------------------------------
-def rollout_prompt(policy, model, rewards, prompt, x_T, sigmas, M, lams, a, gen):
-    """Lines 7-22 of Algorithm 1 for one prompt: rollouts, rewards (n_r, |Lambda|, |M|, G), A (|M|, G)."""
+def plan(a, it, M, T, gen):
+    """(SDE steps, trained steps) of iteration `it`. G2RPO: its M, each k trained (Sec. 3.2).
+    Baselines: Flow-GRPO SDE and trains at every step; DanceGRPO SDE at every step, trains a random
+    train_fraction of them; MixGRPO SDE and trains only in a window that moves later over time."""
+    if a.algo.startswith("g2rpo"):
+        return M, M
+    if a.algo == "mixgrpo":
+        start = (it // a.window_shift_every) % (T - a.window + 1)
+        return list(range(start, start + a.window)), list(range(start, start + a.window))
+    steps = list(range(T))
+    if a.algo == "dancegrpo":
+        n = max(1, round(a.train_fraction * T))
+        return steps, sorted(torch.randperm(T, generator=gen, device=gen.device)[:n].tolist())
+    return steps, steps
+
+
+def rollout_prompt(policy, model, rewards, prompt, x_T, sigmas, M, lams, a, gen, it):
+    """Lines 7-22 of Algorithm 1 for one prompt: rollout and rewards R (n_r, |Lambda|, |trained|, G).
+    Baselines: one reward per trajectory, repeated over the trained steps, so that Eq. 8 applied per
+    step gives every step the trajectory's Eq. 4 advantage."""
     cond = policy.embed(prompt)
-    ro = singular_rollout(policy.velocity(cond, model), x_T, sigmas, M, a.G, lams, a.eta, a.schedule,
-                          a.fine_first, generator=gen)
+    v = policy.velocity(cond, model)
+    if a.algo.startswith("g2rpo"):
+        ro = singular_rollout(v, x_T, sigmas, M, a.G, lams, a.eta, a.schedule, a.fine_first, generator=gen)
+    else:
+        sde_steps, trained = plan(a, it, M, len(sigmas) - 1, gen)
+        ro = trajectory_rollout(v, x_T, sigmas, a.G, sde_steps, a.eta, a.schedule, generator=gen)
+        ro.groups = [g for g in ro.groups if g.k in trained]
     t0 = time.time()
     with torch.no_grad():
-        latents = torch.stack([torch.stack([g.images[l] for g in ro.groups]) for l in lams])  # (L, |M|, G, ...)
+        if a.algo.startswith("g2rpo"):
+            latents = torch.stack([torch.stack([g.images[l] for g in ro.groups]) for l in lams])  # (L, |M|, G, ...)
+        else:  # the G final images, once
+            latents = ro.groups[0].images[1][None, None]  # (1, 1, G, ...)
         images = policy.decode(torch.cat([latents.flatten(0, 2), ro.anchor[-1:]]))
         scores = torch.stack([r.score(images, [prompt] * len(images)) for r in rewards]).float().cpu()
-    R = scores[:, :-1].reshape(len(rewards), len(lams), len(M), a.G)
+    R = scores[:, :-1].reshape(len(rewards), len(lams), -1, a.G).expand(-1, -1, len(ro.groups), -1)
     return ro, cond, R, scores[:, -1], time.time() - t0
 
 
@@ -370,14 +410,16 @@ def main(argv=None):
         sampler.position = pos or 0
     meter = GatherMeter()
     sigmas = sigma_grid(a.T, a.shift).to(device)
-    calls, evals = predicted_evaluations(a.T, M, a.G, lams, a.fine_first)
+    if a.algo.startswith("g2rpo"):
+        calls, evals = predicted_evaluations(a.T, M, a.G, lams, a.fine_first)
+    else:  # baselines: G trajectories + the anchor, batched, at every step; one image per trajectory
+        lams, calls, evals = [1], a.T, a.T * (a.G + 1)
     if is_main:
         print(f"world size {world} | prompts/iteration {world * a.prompts_per_rank} | "
               f"samples/iteration {world * a.prompts_per_rank * len(M) * a.G * len(lams)} | "
               f"model evaluations per prompt {evals} in {calls} batched calls + {len(M)} training "
               f"forward/backward | M={M} Lambda={lams} G={a.G} T={a.T} | device {device}", flush=True)
         (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
-    n_total = len(M) * a.prompts_per_rank
     metrics_file = out / "metrics.jsonl"
     if is_main and metrics_file.exists():  # keep only what the checkpoint we continue from has seen
         keep = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["iteration"] <= start]
@@ -399,7 +441,8 @@ def main(argv=None):
             for g_idx, prompt in batch:
                 gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + g_idx)  # x_T and SDE noise
                 x_T = policy.noise(1, generator=gen)
-                results.append((prompt,) + rollout_prompt(policy, model, rewards, prompt, x_T, sigmas, M, lams, a, gen))
+                results.append((prompt,) + rollout_prompt(policy, model, rewards, prompt, x_T, sigmas, M, lams, a,
+                                                          gen, it))
         gathered_rollout = meter.take()
         t_roll = time.time() - t0
         # ---- advantages (Eqs. 8, 11) ----------------------------------------------------------
@@ -413,7 +456,7 @@ def main(argv=None):
         stats, grad_norm, steps = {}, float("nan"), 0
         if all_true(finite, device):
             for (prompt, ro, cond, R, _, _), A in zip(results, As):
-                for stats in train_prompt(policy, model, ro, cond, A, a, n_total):
+                for stats in train_prompt(policy, model, ro, cond, A, a, len(ro.groups) * len(results)):
                     if a.step_per_k:
                         grad_norm, ok = clip_and_step(model, optim, a, device)
                         steps += ok
@@ -422,9 +465,10 @@ def main(argv=None):
             steps += ok
         t_train = time.time() - t1
         # ---- logging --------------------------------------------------------------------------
-        Rs = torch.stack([R for _, _, _, R, _, _ in results])  # (P, n_r, L, |M|, G)
+        Rs = [r[3] for r in results]  # per prompt (n_r, L, k, G); k may differ between prompts
+        R_mean = torch.stack([R.mean((2, 3)) for R in Rs]).mean(0)  # (n_r, L)
         anchor = torch.stack([r[4] for r in results])  # (P, n_r)
-        local = torch.cat([Rs.mean((0, 3, 4)).flatten(), anchor.mean(0), torch.tensor([stats.get("loss", 0.0)])])
+        local = torch.cat([R_mean.flatten(), anchor.mean(0), torch.tensor([stats.get("loss", 0.0)])])
         dist.all_reduce(local)
         local /= world
         n_r = len(rewards)
@@ -434,8 +478,9 @@ def main(argv=None):
                                      for i, r in enumerate(rewards) for j, l in enumerate(lams)},
                "loss": local[-1].item(), "grad_norm": float(grad_norm), "optimizer_steps": steps,
                "skipped": not finite, **{k: v for k, v in stats.items() if k != "loss"},
-               "adv_abs_mean": torch.stack(As).abs().mean().item(), "adv_std": torch.stack(As).std().item(),
-               "reward_std_in_group": Rs.std(-1).mean().item(),
+               "adv_abs_mean": torch.cat([A.flatten() for A in As]).abs().mean().item(),
+               "adv_std": torch.cat([A.flatten() for A in As]).std().item(),
+               "reward_std_in_group": torch.stack([R.std(-1).mean() for R in Rs]).mean().item(),
                "model_evaluations": evals * len(batch), "batched_calls": calls * len(batch),
                "gathered_bytes_rollout": gathered_rollout, "gathered_bytes_train": meter.take(),
                "sec_reward": sum(r[5] for r in results), "sec_rollout": t_roll - sum(r[5] for r in results),

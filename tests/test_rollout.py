@@ -123,3 +123,25 @@ def test_bad_arguments(kw, msg):
     args = dict(T=8, M=(0,), G=2, Lambda=(1,)) | kw
     with pytest.raises(ValueError, match=msg):
         run(**args)
+
+
+# ---- the baselines' sampling (trajectory_rollout) ---------------------------------------------
+def test_trajectory_rollout_is_stochastic_exactly_at_its_sde_steps():
+    v = CountingVelocity()
+    x_T = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(0))
+    T, G = 8, 4
+    out = rollout.trajectory_rollout(v, x_T, sde.sigma_grid(T), G, [2, 5], eta=0.7,
+                                     generator=torch.Generator().manual_seed(1))
+    assert (v.calls, v.evals) == (out.calls, out.evals) == (T, T * (G + 1))
+    assert [g.k for g in out.groups] == [2, 5]
+    g2, g5 = out.groups
+    assert torch.equal(g2.x_k, g2.x_k[:1].expand_as(g2.x_k))  # ODE before step 2: branches identical
+    assert not torch.equal(g2.x_next[0], g2.x_next[1])  # they split at the SDE step
+    assert not torch.equal(g5.x_k[0], g5.x_k[1]) and g5.log_prob.shape == (G,)
+    assert torch.equal(g2.images[1], g5.images[1]) and g2.images[1].shape == (G, 3, 5)  # one image per trajectory
+    # row 0 is the pure ODE anchor: the same as singular_rollout's
+    ref = rollout.singular_rollout(CountingVelocity(), x_T, sde.sigma_grid(T), [0], 2, (1,))
+    assert torch.allclose(out.anchor, ref.anchor, atol=1e-6)
+    # no SDE step at all: every trajectory is the anchor
+    det = rollout.trajectory_rollout(CountingVelocity(), x_T, sde.sigma_grid(T), G, [])
+    assert not det.groups and det.anchor.shape == (T + 1, 3, 5)

@@ -143,3 +143,36 @@ def test_non_finite_gradient_never_reaches_the_weights():
         assert ok and not all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("algo", ["g2rpo", "dancegrpo", "flowgrpo", "mixgrpo"])
+def test_each_algorithm_plans_its_own_stochastic_and_trained_steps(algo):
+    a = train.parse_args(["--algo", algo, "--T", "8", "--window", "3", "--window-shift-every", "10"])
+    lams, M = train.check_args(a)
+    g = torch.Generator().manual_seed(0)
+    sde_steps, trained = train.plan(a, 0, M, 8, g)
+    if algo == "g2rpo":
+        assert sde_steps == trained == [0, 1, 2, 3]  # the first half; every SDE step trained
+    elif algo == "flowgrpo":
+        assert sde_steps == trained == list(range(8)) and a.schedule == "flowgrpo"
+    elif algo == "dancegrpo":
+        assert sde_steps == list(range(8)) and a.schedule == "constant" and a.eta == 0.3
+        assert len(trained) == round(0.6 * 8) and set(trained) <= set(sde_steps)
+        assert trained != train.plan(a, 0, M, 8, g)[1] or trained != train.plan(a, 0, M, 8, g)[1]  # random subset
+    else:  # a window of 3 that moves one step later every 10 iterations
+        assert sde_steps == trained == [0, 1, 2]
+        assert train.plan(a, 10, M, 8, g)[0] == [1, 2, 3] and train.plan(a, 59, M, 8, g)[0] == [5, 6, 7]
+    assert train.parse_args(["--algo", "g2rpo-no-mgai"]).Lambda == "1"
+    with pytest.raises(SystemExit, match="g2rpo-no-mgai"):
+        train.check_args(train.parse_args(["--algo", "g2rpo-no-mgai", "--Lambda", "1,2"]))
+
+
+@pytest.mark.parametrize("algo", ["g2rpo-no-mgai", "dancegrpo", "mixgrpo"])
+def test_baselines_run_in_the_same_harness(tiny_model, tmp_path, algo):
+    out = tmp_path / algo
+    launch(0, out, tiny_model, ["--algo", algo, "--iterations", "1", "--checkpoint-every", "0", "--no-export",
+                                "--window", "2", "--Lambda", "1"])
+    rec = metrics(out)[0]
+    assert list(rec["reward_per_lambda"]) == ["toy-adherence@1"] and rec["optimizer_steps"] == 1
+    if algo != "g2rpo-no-mgai":
+        assert rec["model_evaluations"] == 4 * (3 + 1)  # T (G + 1): G trajectories + the anchor
