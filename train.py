@@ -350,7 +350,8 @@ def train_prompt(policy, model, ro, cond, A, a, n_total):
     out = {"loss": 0.0, "clip_frac": 0.0, "ratio_drift_mean": 0.0, "ratio_drift_max": 0.0}
     for j, grp in enumerate(ro.groups):
         s, s_next = ro.sigmas[grp.k], ro.sigmas[grp.k + 1]
-        v_k = v(grp.x_k, s.reshape(1).float())  # G2RPO: x_k is (1, L, C), ONE forward serves the G branches (baselines: their G own states)
+        # G2RPO: x_k is (1, L, C) and ONE forward serves the G branches; baselines: their G own states
+        v_k = v(grp.x_k, s.reshape(1).float())
         G = grp.x_next.shape[0]
         rep = (G,) + (-1,) * (grp.x_k.ndim - 1)
         _, logp, _, _ = sde_step(grp.x_k.expand(rep), v_k.expand(rep), s, s_next, a.eta, a.schedule,
