@@ -45,3 +45,13 @@ EVAL_ARGS ?=
 .PHONY: eval
 eval: venv
 	$(PY) evaluate.py $(EVAL_ARGS)
+
+# Benchmarks: not tests. bench-algos = G2RPO and the baselines from the same base, 3 seeds,
+# same iterations and same rollout budget, plus the Lambda ablation (~1.5-2 h on 2 cores; a
+# finished leg is kept, so an interrupted run continues). Results: $(BENCH_OUT)/results.md, *.png
+BENCH_OUT ?= runs/bench
+BENCH_ARGS ?=
+.PHONY: bench bench-algos
+bench: bench-algos
+bench-algos: venv
+	$(PY) bench/algos.py --out $(BENCH_OUT) $(BENCH_ARGS)

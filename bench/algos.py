@@ -1,0 +1,271 @@
+"""G2RPO against its baselines on the small CPU world, under identical conditions.
+
+    make bench-algos                                   # everything below, ~1.5-2 h on 2 cores
+    python bench/algos.py --seeds 42,43,44 --out runs/bench
+    python bench/algos.py --out runs/bench --report    # only rebuild tables and plots
+
+Every run starts from the same toy base model, sees the same prompt stream (same sampler seed) and
+uses train.py's toy preset; a seed changes x_T and the SDE noise. Hyperparameters are fixed per
+algorithm in train.py (TOY_PRESET, ALGO_PRESET) and were committed before any baseline run.
+
+Two budgets:
+  (a) the same number of iterations (--iterations, 50);
+  (b) the same budget of rollout model evaluations: G2RPO's per-prompt cost times --iterations.
+      Per prompt and iteration G2RPO spends rollout.predicted_evaluations (288 on the toy) and a
+      baseline T * G (64: G trajectories of T steps; its logged deterministic anchor is not counted,
+      which favours the baselines), so a baseline gets 4.5x the iterations.
+The training forward/backward passes are not in that budget (a baseline trains on G samples per
+trained step, G2RPO on one shared x_k); the wall-clock column and plot show what they cost.
+
+Each run is one torchrun job of 2 processes, continued with --resume at the budget's iteration
+(the learning rate is constant, so the first leg of a longer run IS the shorter run). A finished
+leg is not re-run: interrupt and call again to continue. Results: OUT/results.md, results.json,
+curves.png, ablation.png.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = [  # (label, --algo, extra flags)
+    ("G2RPO", "g2rpo", []),
+    ("G2RPO w/o MGAI", "g2rpo-no-mgai", []),
+    ("DanceGRPO", "dancegrpo", []),
+    ("Flow-GRPO", "flowgrpo", []),
+    ("MixGRPO", "mixgrpo", []),
+]
+ABLATION = [  # paper Table 2; {1} and {1,2,3} are the first two methods
+    ("Lambda {1,2}", "g2rpo", ["--Lambda", "1,2"]),
+    ("Lambda {1,3}", "g2rpo", ["--Lambda", "1,3"]),
+]
+ABLATION_ROWS = [("{1}", "G2RPO w/o MGAI"), ("{1,2}", "Lambda {1,2}"), ("{1,3}", "Lambda {1,3}"),
+                 ("{1,2,3}", "G2RPO")]
+TRAIN_REWARD = "toy-adherence"
+COLUMNS = [("train", "toy-adherence", "adherence, train prompts (trained on)"),
+           ("held-out", "toy-adherence", "adherence, held-out prompts (OOD)"),
+           ("train", "toy-clean", "clean (OOD reward)"),
+           ("train", "toy-shape", "shape (OOD reward)")]
+
+
+def preset(algo: str, extra):
+    """The train.py arguments a run gets (toy preset + the algorithm's own preset + extra)."""
+    import train
+    return train.parse_args(["--algo", algo] + list(extra))
+
+
+def cost_per_prompt(algo: str, extra) -> int:
+    """Rollout model evaluations per prompt and iteration that the ALGORITHM needs (see top)."""
+    from rollout import default_sde_steps, predicted_evaluations
+    a = preset(algo, extra)
+    if algo.startswith("g2rpo"):
+        M = [int(x) for x in a.sde_steps.split(",") if x.strip()] or default_sde_steps(a.T)
+        return predicted_evaluations(a.T, M, a.G, [int(x) for x in a.Lambda.split(",")], a.fine_first)[1]
+    return a.T * a.G
+
+
+def budget_iterations(algo, extra, iterations: int) -> int:
+    """Iterations of `algo` that spend what G2RPO spends in `iterations` (rounded)."""
+    return max(1, round(iterations * cost_per_prompt("g2rpo", []) / cost_per_prompt(algo, extra)))
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
+
+
+def run_leg(run_dir: Path, algo, extra, seed: int, iterations: int, port: int, log):
+    """Train (or continue) to `iterations`; keep the exported model as final_<iterations>."""
+    final = run_dir / f"final_{iterations}"
+    if final.exists():
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "train.py"), "--algo", algo, "--seed", str(seed), "--out", str(run_dir),
+           "--iterations", str(iterations), "--checkpoint-every", str(iterations), "--resume"] + list(extra)
+    log(" ".join(cmd[1:]))
+    t0 = time.time()
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.replace(run_dir / "final", final)
+    timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").exists() else {}
+    timing[str(iterations)] = time.time() - t0
+    (run_dir / "timing.json").write_text(json.dumps(timing))
+    log(f"  {time.time() - t0:.0f} s")
+
+
+def evaluate(model_dir: Path, n: int, T: int) -> dict:
+    """toy.reward_table of a model folder, cached next to it."""
+    path = model_dir.parent / f"eval_{model_dir.name}.json"
+    if not path.exists():
+        import torch
+        import toy
+        from flux import FluxPolicy
+        torch.set_num_threads(1)
+        policy = FluxPolicy.from_pretrained(model_dir, dtype=torch.float32)
+        table = toy.reward_table(policy, n=n, T=T, seed=0)
+        path.write_text(json.dumps(table, indent=1))
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+def scores(table: dict) -> list:
+    return [table[f"model, {split}"][name] for split, name, _ in COLUMNS]
+
+
+def fmt(values) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def row(out: Path, label: str, seeds, it: int):
+    """Per-seed scores (seeds x columns) of one method at one iteration, and the mean wall clock."""
+    runs = [out / f"{slug(label)}-s{s}" for s in seeds]
+    evals = [out / r.name / f"eval_final_{it}.json" for r in runs]
+    have = [(r, e) for r, e in zip(runs, evals) if e.exists()]
+    if not have:
+        return None
+    vals = np.array([scores(json.loads(e.read_text())) for _, e in have])
+    secs = [seconds_to(r, it) for r, _ in have]
+    return vals, float(np.mean(secs)), len(have)
+
+
+def curves(run: Path):
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    it = np.array([r["iteration"] for r in recs])
+    y = np.array([r["anchor_reward"][TRAIN_REWARD] for r in recs])
+    sec = np.cumsum([r["sec_rollout"] + r["sec_reward"] + r["sec_train"] for r in recs])
+    return it, y, sec
+
+
+def seconds_to(run: Path, it: int) -> float:
+    """Wall-clock of the iterations up to `it` (rollout + reward + training; no start-up)."""
+    its, _, sec = curves(run)
+    return float(sec[its <= it][-1])
+
+
+def report(out: Path, seeds, iterations: int):
+    """results.md, results.json, curves.png and ablation.png from whatever runs are finished."""
+    base = json.loads((out / "eval_base.json").read_text())
+    g_cost = cost_per_prompt("g2rpo", [])
+    head = "| method | iterations | rollout evals / prompt / it | " + " | ".join(c[2] for c in COLUMNS) + \
+           " | wall clock (s) | seeds |\n|" + "---|" * (len(COLUMNS) + 5) + "\n"
+    base_row = f"| base model | 0 | — | " + " | ".join(f"{s:.3f}" for s in scores(base)) + " | — | — |\n"
+    md, res = [f"# G2RPO and its baselines on the small world\n\nSeeds {', '.join(map(str, seeds))}; "
+               f"mean ± std (ddof 1) over seeds; rewards of the final model, {EVAL_N} samples per prompt, "
+               f"T = {EVAL_T} ODE steps.\n"], {"base": scores(base), "columns": [c[2] for c in COLUMNS]}
+    same = [(lab, lab, algo, ex) for lab, algo, ex in METHODS]
+    by_label = {lab: (algo, ex) for lab, algo, ex in METHODS + ABLATION}
+    for title, key, entries in (
+            (f"(a) Same iterations ({iterations})", "same_iterations",
+             [(lab, src, algo, ex, iterations) for lab, src, algo, ex in same]),
+            (f"(b) Same rollout budget ({iterations * g_cost:,} model evaluations per prompt)", "same_budget",
+             [(lab, src, algo, ex, budget_iterations(algo, ex, iterations)) for lab, src, algo, ex in same]),
+            (f"Lambda ablation (paper Table 2), {iterations} iterations", "ablation",
+             [(f"Lambda {name}", src, *by_label[src], iterations) for name, src in ABLATION_ROWS])):
+        md.append(f"\n## {title}\n\n" + head + base_row)
+        res[key] = {}
+        for lab, src, algo, ex, it in entries:
+            r = row(out, src, seeds, it)
+            if r is None:
+                md.append(f"| {lab} | {it} | {cost_per_prompt(algo, ex)} | " + " | ".join("—" for _ in COLUMNS)
+                          + " | — | 0 |\n")
+                continue
+            vals, sec, n = r
+            md.append(f"| {lab} | {it} | {cost_per_prompt(algo, ex)} | " +
+                      " | ".join(fmt(vals[:, j]) for j in range(len(COLUMNS))) + f" | {sec:.0f} | {n} |\n")
+            res[key][lab] = {"iterations": it, "per_seed": vals.tolist(), "mean": vals.mean(0).tolist(),
+                             "std": vals.std(0, ddof=1).tolist() if n > 1 else None, "seconds": sec}
+    (out / "results.md").write_text("".join(md))
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    plot(out, seeds, METHODS, out / "curves.png", budget=iterations * g_cost)
+    plot(out, seeds, [(src, *by_label[src]) for _, src in ABLATION_ROWS], out / "ablation.png", xs=("iteration",))
+    return "".join(md)
+
+
+def plot(out: Path, seeds, methods, path: Path, budget=None,
+         xs=("iteration", "rollout model evaluations per prompt", "wall clock (s, 2 cores)")):
+    """Deterministic-sample reward while training (moving mean over 10 iterations), mean over seeds
+    with a band of one std, against iterations, rollout evaluations and seconds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(xs), figsize=(5 * len(xs), 3.6), squeeze=False)
+    for lab, algo, ex in methods:
+        runs = [out / f"{slug(lab)}-s{s}" for s in seeds]
+        data = [curves(r) for r in runs if (r / "metrics.jsonl").exists()]
+        if not data:
+            continue
+        n = min(len(d[0]) for d in data)
+        ys = np.stack([np.convolve(d[1][:n], np.ones(10), "full")[:n] / np.minimum(np.arange(1, n + 1), 10)
+                       for d in data])
+        its = data[0][0][:n]
+        x_of = {xs[0]: its, "rollout model evaluations per prompt": its * cost_per_prompt(algo, ex),
+                "wall clock (s, 2 cores)": np.mean([d[2][:n] for d in data], 0)}
+        for ax, name in zip(axes[0], xs):
+            m, s = ys.mean(0), ys.std(0)
+            line, = ax.plot(x_of[name], m, label=f"{lab} ({len(data)} seeds)")
+            ax.fill_between(x_of[name], m - s, m + s, color=line.get_color(), alpha=0.15)
+    for ax, name in zip(axes[0], xs):
+        ax.set_xlabel(name), ax.set_ylabel(f"{TRAIN_REWARD} of the ODE sample")
+        if budget and name.startswith("rollout"):
+            ax.legend(handles=[ax.axvline(budget, color="grey", ls="--", lw=1, label="budget (b)")], fontsize=8)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path), plt.close(fig)
+
+
+EVAL_N, EVAL_T = 16, 8
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--iterations", type=int, default=50, help="budget (a); (b) follows from it")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the Lambda {1,2} and {1,3} runs")
+    ap.add_argument("--report", action="store_true", help="only rebuild the tables and plots")
+    args = ap.parse_args(argv)
+    out, seeds = Path(args.out), [int(s) for s in args.seeds.split(",")]
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')} +{time.time() - t_start:5.0f}s] {msg}"
+        print(line, flush=True)
+        with open(out / "bench.log", "a") as f:
+            f.write(line + "\n")
+
+    if not args.report:
+        import toy
+        base = Path(toy.base_model())
+        base_eval = evaluate(base, EVAL_N, EVAL_T)
+        shutil.copy(base.parent / f"eval_{base.name}.json", out / "eval_base.json")
+        log(f"base model {base}: {scores(base_eval)}")
+        jobs = [(lab, algo, ex, s) for s in seeds for lab, algo, ex in METHODS]
+        jobs += [] if args.no_ablation else [(lab, algo, ex, s) for s in seeds for lab, algo, ex in ABLATION]
+        for i, (lab, algo, ex, s) in enumerate(jobs):
+            run_dir = out / f"{slug(lab)}-s{s}"
+            run_dir.mkdir(exist_ok=True)
+            legs = sorted({args.iterations} | ({budget_iterations(algo, ex, args.iterations)}
+                                                if (lab, algo, ex) in METHODS else set()))
+            for it in legs:
+                log(f"[{i + 1}/{len(jobs)}] {lab} seed {s}: to iteration {it}")
+                run_leg(run_dir, algo, ex, s, it, 29500 + i % 50, log)
+                log(f"  eval {lab} seed {s} it {it}: {scores(evaluate(run_dir / f'final_{it}', EVAL_N, EVAL_T))}")
+            report(out, seeds, args.iterations)
+        log(f"benchmark done in {time.time() - t_start:.0f} s")
+    print(report(out, seeds, args.iterations))
+
+
+if __name__ == "__main__":
+    main()

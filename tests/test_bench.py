@@ -1,0 +1,58 @@
+"""The benchmark's budget arithmetic and its report (the benchmark itself is `make bench-algos`)."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import algos  # noqa: E402
+
+
+def test_budget_matches_g2rpo_rollout_cost():
+    # toy preset: T = 8, G = 8, M = first 4 steps; G2RPO Lambda {1,2,3}: 288; {1}: 184; baselines T*G
+    assert algos.cost_per_prompt("g2rpo", []) == 288
+    assert algos.cost_per_prompt("g2rpo-no-mgai", []) == 184
+    assert algos.cost_per_prompt("g2rpo", ["--Lambda", "1,3"]) == 224
+    for algo in ("dancegrpo", "flowgrpo", "mixgrpo"):
+        assert algos.cost_per_prompt(algo, []) == 8 * 8
+        assert algos.budget_iterations(algo, [], 50) == 225
+    assert algos.budget_iterations("g2rpo", [], 50) == 50
+    assert algos.budget_iterations("g2rpo-no-mgai", [], 50) == 78  # 14,400 / 184 = 78.3
+    for label, algo, ex in algos.METHODS:  # the equal budget holds to within one iteration's cost
+        n, c = algos.budget_iterations(algo, ex, 50), algos.cost_per_prompt(algo, ex)
+        assert abs(n * c - 50 * 288) <= c / 2
+
+
+def _fake_run(out: Path, label: str, seed: int, it: int, values, sec_per_it=0.5):
+    run = out / f"{algos.slug(label)}-s{seed}"
+    run.mkdir(parents=True)
+    recs = [{"iteration": i + 1, "anchor_reward": {"toy-adherence": 0.5 + 0.001 * i}, "sec_rollout": sec_per_it,
+             "sec_reward": 0.0, "sec_train": 0.0} for i in range(it)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table = {"model, train": {"toy-adherence": values[0], "toy-clean": values[2], "toy-shape": values[3]},
+             "model, held-out": {"toy-adherence": values[1], "toy-clean": 0.0, "toy-shape": 0.0}}
+    (run / f"eval_final_{it}.json").write_text(json.dumps(table))
+
+
+def test_report_mean_and_std_over_seeds(tmp_path):
+    pytest.importorskip("matplotlib")
+    base = {"model, train": {"toy-adherence": 0.5, "toy-clean": 0.2, "toy-shape": 0.4},
+            "model, held-out": {"toy-adherence": 0.45, "toy-clean": 0.0, "toy-shape": 0.0}}
+    (tmp_path / "eval_base.json").write_text(json.dumps(base))
+    per_seed = {1: [0.6, 0.55, 0.25, 0.41], 2: [0.7, 0.65, 0.15, 0.43]}
+    for s, v in per_seed.items():
+        _fake_run(tmp_path, "G2RPO", s, 4, v)
+    _fake_run(tmp_path, "DanceGRPO", 1, 18, [0.9, 0.8, 0.3, 0.5])  # only one seed, at its budget
+    md = algos.report(tmp_path, [1, 2], 4)
+    res = json.loads((tmp_path / "results.json").read_text())
+    g = res["same_iterations"]["G2RPO"]
+    want = np.array(list(per_seed.values()))
+    assert np.allclose(g["mean"], want.mean(0)) and np.allclose(g["std"], want.std(0, ddof=1))
+    assert g["seconds"] == pytest.approx(2.0)  # 4 iterations x 0.5 s
+    assert "| G2RPO | 4 | 288 | 0.650 ± 0.071 | 0.600 ± 0.071 | 0.200 ± 0.071 | 0.420 ± 0.014 | 2 | 2 |" in md
+    assert "DanceGRPO" not in res["same_iterations"]  # no run at 4 iterations: a dash row, not a number
+    assert res["same_budget"]["DanceGRPO"]["iterations"] == 18 and res["same_budget"]["DanceGRPO"]["std"] is None
+    assert "| MixGRPO | 18 | 64 | — |" in md
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "ablation.png").exists()
