@@ -130,8 +130,7 @@ def fmt(values) -> str:
 def row(out: Path, label: str, seeds, it: int):
     """Per-seed scores (seeds x columns) of one method at one iteration, and the mean wall clock."""
     runs = [out / f"{slug(label)}-s{s}" for s in seeds]
-    evals = [out / r.name / f"eval_final_{it}.json" for r in runs]
-    have = [(r, e) for r, e in zip(runs, evals) if e.exists()]
+    have = [(r, r / f"eval_final_{it}.json") for r in runs if (r / f"eval_final_{it}.json").exists()]
     if not have:
         return None
     vals = np.array([scores(json.loads(e.read_text())) for _, e in have])
@@ -155,6 +154,8 @@ def seconds_to(run: Path, it: int) -> float:
 
 def report(out: Path, seeds, iterations: int):
     """results.md, results.json, curves.png and ablation.png from whatever runs are finished."""
+    if not (out / "eval_base.json").exists():
+        raise SystemExit(f"bench/algos.py: no results in {out}; run it without --report first")
     base = json.loads((out / "eval_base.json").read_text())
     g_cost = cost_per_prompt("g2rpo", [])
     head = "| method | iterations | rollout evals / prompt / it | " + " | ".join(c[2] for c in COLUMNS) + \
@@ -236,7 +237,6 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and plots")
     args = ap.parse_args(argv)
     out, seeds = Path(args.out), [int(s) for s in args.seeds.split(",")]
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
     def log(msg):
@@ -246,6 +246,7 @@ def main(argv=None):
             f.write(line + "\n")
 
     if not args.report:
+        out.mkdir(parents=True, exist_ok=True)
         import toy
         base = Path(toy.base_model())
         base_eval = evaluate(base, EVAL_N, EVAL_T)

@@ -167,7 +167,7 @@ def test_each_algorithm_plans_its_own_stochastic_and_trained_steps(algo):
         train.check_args(train.parse_args(["--algo", "g2rpo-no-mgai", "--Lambda", "1,2"]))
 
 
-@pytest.mark.parametrize("algo", ["g2rpo-no-mgai", "dancegrpo", "mixgrpo"])
+@pytest.mark.parametrize("algo", ["g2rpo-no-mgai", "dancegrpo", "flowgrpo", "mixgrpo"])
 def test_baselines_run_in_the_same_harness(tiny_model, tmp_path, algo):
     out = tmp_path / algo
     launch(0, out, tiny_model, ["--algo", algo, "--iterations", "1", "--checkpoint-every", "0", "--no-export",
