@@ -47,7 +47,7 @@ eval: venv
 	$(PY) evaluate.py $(EVAL_ARGS)
 
 # Benchmarks: not tests. bench-algos = G2RPO and the baselines from the same base, 3 seeds,
-# same iterations and same rollout budget, plus the Lambda ablation (~1.5-2 h on 2 cores; a
+# same iterations and same rollout budget, plus the Lambda ablation (89 min on 2 cores; a
 # finished leg is kept, so an interrupted run continues). Results: $(BENCH_OUT)/results.md, *.png
 BENCH_OUT ?= runs/bench
 BENCH_ARGS ?=

@@ -1,6 +1,6 @@
 """G2RPO against its baselines on the small CPU world, under identical conditions.
 
-    make bench-algos                                   # everything below, ~1.5-2 h on 2 cores
+    make bench-algos                                   # everything below: 89 min on 2 cores
     python bench/algos.py --seeds 42,43,44 --out runs/bench
     python bench/algos.py --out runs/bench --report    # only rebuild tables and plots
 
@@ -186,6 +186,13 @@ def report(out: Path, seeds, iterations: int):
                       " | ".join(fmt(vals[:, j]) for j in range(len(COLUMNS))) + f" | {sec:.0f} | {n} |\n")
             res[key][lab] = {"iterations": it, "per_seed": vals.tolist(), "mean": vals.mean(0).tolist(),
                              "std": vals.std(0, ddof=1).tolist() if n > 1 else None, "seconds": sec}
+        ref = res[key].get(entries[-1][0] if key == "ablation" else "G2RPO")
+        others = [(lab, v) for lab, v in res[key].items() if v is not ref and len(v["per_seed"]) == len(seeds)]
+        if ref and len(ref["per_seed"]) == len(seeds) and others:  # paired by seed
+            md.append(f"\nSeeds in which {entries[-1][0] if key == 'ablation' else 'G2RPO'} scores higher, per column: "
+                      + "; ".join(f"than {lab} " + "/".join(str(int(c)) for c in
+                                  (np.array(ref["per_seed"]) > np.array(v["per_seed"])).sum(0)) for lab, v in others)
+                      + f" (of {len(seeds)}).\n")
     (out / "results.md").write_text("".join(md))
     (out / "results.json").write_text(json.dumps(res, indent=1))
     plot(out, seeds, METHODS, out / "curves.png", budget=iterations * g_cost)
