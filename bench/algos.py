@@ -3,6 +3,7 @@
     make bench-algos                                   # everything below: 89 min on 2 cores
     python bench/algos.py --seeds 42,43,44 --out runs/bench
     python bench/algos.py --out runs/bench --report    # only rebuild tables and plots
+    python bench/algos.py --out runs/bench-lr3e-5 --lr 3e-5 --no-budget --no-ablation  # lr sensitivity
 
 Every run starts from the same toy base model, sees the same prompt stream (same sampler seed) and
 uses train.py's toy preset; a seed changes x_T and the SDE noise. Hyperparameters are fixed per
@@ -241,9 +242,21 @@ def main(argv=None):
     ap.add_argument("--seeds", default="42,43,44")
     ap.add_argument("--iterations", type=int, default=50, help="budget (a); (b) follows from it")
     ap.add_argument("--no-ablation", action="store_true", help="skip the Lambda {1,2} and {1,3} runs")
+    ap.add_argument("--methods", default="", help="comma-separated --algo names to run (default: all)")
+    ap.add_argument("--no-budget", action="store_true", help="skip the longer runs of budget (b)")
+    ap.add_argument("--lr", type=float, default=None, help="override every method's learning rate "
+                    "(a sensitivity check; use its own --out)")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and plots")
     args = ap.parse_args(argv)
-    out, seeds = Path(args.out), [int(s) for s in args.seeds.split(",")]
+    unknown = set(filter(None, args.methods.split(","))) - {algo for _, algo, _ in METHODS}
+    if unknown:
+        ap.error(f"--methods {args.methods}: unknown {sorted(unknown)}; choose from "
+                 f"{','.join(algo for _, algo, _ in METHODS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 42,43,44")
+    out = Path(args.out)
     t_start = time.time()
 
     def log(msg):
@@ -261,14 +274,17 @@ def main(argv=None):
         log(f"base model {base}: {scores(base_eval)}")
         jobs = [(lab, algo, ex, s) for s in seeds for lab, algo, ex in METHODS]
         jobs += [] if args.no_ablation else [(lab, algo, ex, s) for s in seeds for lab, algo, ex in ABLATION]
+        if args.methods:
+            jobs = [j for j in jobs if j[1] in args.methods.split(",")]
+        lr = [] if args.lr is None else ["--lr", str(args.lr)]
         for i, (lab, algo, ex, s) in enumerate(jobs):
             run_dir = out / f"{slug(lab)}-s{s}"
             run_dir.mkdir(exist_ok=True)
             legs = sorted({args.iterations} | ({budget_iterations(algo, ex, args.iterations)}
-                                                if (lab, algo, ex) in METHODS else set()))
+                                                if (lab, algo, ex) in METHODS and not args.no_budget else set()))
             for it in legs:
                 log(f"[{i + 1}/{len(jobs)}] {lab} seed {s}: to iteration {it}")
-                run_leg(run_dir, algo, ex, s, it, 29500 + i % 50, log)
+                run_leg(run_dir, algo, ex + lr, s, it, 29500 + i % 50, log)
                 log(f"  eval {lab} seed {s} it {it}: {scores(evaluate(run_dir / f'final_{it}', EVAL_N, EVAL_T))}")
             report(out, seeds, args.iterations)
         log(f"benchmark done in {time.time() - t_start:.0f} s")

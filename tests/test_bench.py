@@ -56,3 +56,10 @@ def test_report_mean_and_std_over_seeds(tmp_path):
     assert res["same_budget"]["DanceGRPO"]["iterations"] == 18 and res["same_budget"]["DanceGRPO"]["std"] is None
     assert "| MixGRPO | 18 | 64 | — |" in md
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "ablation.png").exists()
+
+
+@pytest.mark.parametrize("argv, msg", [(["--methods", "g2rpo,ppo"], "unknown"), (["--seeds", "a,b"], "integers")])
+def test_bad_arguments_stop_before_any_work(tmp_path, argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        algos.main(argv + ["--out", str(tmp_path / "b")])
+    assert msg in capsys.readouterr().err and not (tmp_path / "b").exists()
