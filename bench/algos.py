@@ -26,7 +26,6 @@ curves.png, ablation.png.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -51,26 +50,21 @@ ABLATION = [  # paper Table 2; {1} and {1,2,3} are the first two methods
 ABLATION_ROWS = [("{1}", "G2RPO w/o MGAI"), ("{1,2}", "Lambda {1,2}"), ("{1,3}", "Lambda {1,3}"),
                  ("{1,2,3}", "G2RPO")]
 TRAIN_REWARD = "toy-adherence"
+EVAL_N, EVAL_T = 16, 8  # final-model scores: samples per prompt, ODE steps
 COLUMNS = [("train", "toy-adherence", "adherence, train prompts (trained on)"),
            ("held-out", "toy-adherence", "adherence, held-out prompts (OOD)"),
            ("train", "toy-clean", "clean (OOD reward)"),
            ("train", "toy-shape", "shape (OOD reward)")]
 
 
-def preset(algo: str, extra):
-    """The train.py arguments a run gets (toy preset + the algorithm's own preset + extra)."""
-    import train
-    return train.parse_args(["--algo", algo] + list(extra))
-
-
 def cost_per_prompt(algo: str, extra) -> int:
-    """Rollout model evaluations per prompt and iteration that the ALGORITHM needs (see top)."""
-    from rollout import default_sde_steps, predicted_evaluations
-    a = preset(algo, extra)
-    if algo.startswith("g2rpo"):
-        M = [int(x) for x in a.sde_steps.split(",") if x.strip()] or default_sde_steps(a.T)
-        return predicted_evaluations(a.T, M, a.G, [int(x) for x in a.Lambda.split(",")], a.fine_first)[1]
-    return a.T * a.G
+    """Rollout model evaluations per prompt and iteration that the ALGORITHM needs (see top), for
+    the arguments train.py gives the run (toy preset + the algorithm's preset + extra)."""
+    import train
+    from rollout import predicted_evaluations
+    a = train.parse_args(["--algo", algo] + list(extra))
+    lams, M = train.check_args(a)
+    return predicted_evaluations(a.T, M, a.G, lams, a.fine_first)[1] if algo.startswith("g2rpo") else a.T * a.G
 
 
 def budget_iterations(algo, extra, iterations: int) -> int:
@@ -96,22 +90,18 @@ def run_leg(run_dir: Path, algo, extra, seed: int, iterations: int, port: int, l
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     os.replace(run_dir / "final", final)
-    timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").exists() else {}
-    timing[str(iterations)] = time.time() - t0
-    (run_dir / "timing.json").write_text(json.dumps(timing))
-    log(f"  {time.time() - t0:.0f} s")
+    log(f"  {time.time() - t0:.0f} s (with start-up and export)")
 
 
-def evaluate(model_dir: Path, n: int, T: int) -> dict:
-    """toy.reward_table of a model folder, cached next to it."""
-    path = model_dir.parent / f"eval_{model_dir.name}.json"
+def evaluate(model_dir: Path, path: Path) -> dict:
+    """toy.reward_table of a model folder (EVAL_N samples per prompt, EVAL_T steps), cached in `path`."""
     if not path.exists():
         import torch
         import toy
         from flux import FluxPolicy
         torch.set_num_threads(1)
         policy = FluxPolicy.from_pretrained(model_dir, dtype=torch.float32)
-        table = toy.reward_table(policy, n=n, T=T, seed=0)
+        table = toy.reward_table(policy, n=EVAL_N, T=EVAL_T, seed=0)
         path.write_text(json.dumps(table, indent=1))
     return json.loads(path.read_text())
 
@@ -187,10 +177,11 @@ def report(out: Path, seeds, iterations: int):
                       " | ".join(fmt(vals[:, j]) for j in range(len(COLUMNS))) + f" | {sec:.0f} | {n} |\n")
             res[key][lab] = {"iterations": it, "per_seed": vals.tolist(), "mean": vals.mean(0).tolist(),
                              "std": vals.std(0, ddof=1).tolist() if n > 1 else None, "seconds": sec}
-        ref = res[key].get(entries[-1][0] if key == "ablation" else "G2RPO")
+        ref_label = entries[-1][0] if key == "ablation" else "G2RPO"  # Lambda {1,2,3} is G2RPO
+        ref = res[key].get(ref_label)
         others = [(lab, v) for lab, v in res[key].items() if v is not ref and len(v["per_seed"]) == len(seeds)]
         if ref and len(ref["per_seed"]) == len(seeds) and others:  # paired by seed
-            md.append(f"\nSeeds in which {entries[-1][0] if key == 'ablation' else 'G2RPO'} scores higher, per column: "
+            md.append(f"\nSeeds in which {ref_label} scores higher, per column: "
                       + "; ".join(f"than {lab} " + "/".join(str(int(c)) for c in
                                   (np.array(ref["per_seed"]) > np.array(v["per_seed"])).sum(0)) for lab, v in others)
                       + f" (of {len(seeds)}).\n")
@@ -233,8 +224,6 @@ def plot(out: Path, seeds, methods, path: Path, budget=None,
     fig.savefig(path), plt.close(fig)
 
 
-EVAL_N, EVAL_T = 16, 8
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -269,9 +258,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         import toy
         base = Path(toy.base_model())
-        base_eval = evaluate(base, EVAL_N, EVAL_T)
-        shutil.copy(base.parent / f"eval_{base.name}.json", out / "eval_base.json")
-        log(f"base model {base}: {scores(base_eval)}")
+        log(f"base model {base}: {scores(evaluate(base, out / 'eval_base.json'))}")
         jobs = [(lab, algo, ex, s) for s in seeds for lab, algo, ex in METHODS]
         jobs += [] if args.no_ablation else [(lab, algo, ex, s) for s in seeds for lab, algo, ex in ABLATION]
         if args.methods:
@@ -285,7 +272,8 @@ def main(argv=None):
             for it in legs:
                 log(f"[{i + 1}/{len(jobs)}] {lab} seed {s}: to iteration {it}")
                 run_leg(run_dir, algo, ex + lr, s, it, 29500 + i % 50, log)
-                log(f"  eval {lab} seed {s} it {it}: {scores(evaluate(run_dir / f'final_{it}', EVAL_N, EVAL_T))}")
+                table = evaluate(run_dir / f"final_{it}", run_dir / f"eval_final_{it}.json")
+                log(f"  eval {lab} seed {s} it {it}: {scores(table)}")
             report(out, seeds, args.iterations)
         log(f"benchmark done in {time.time() - t_start:.0f} s")
     print(report(out, seeds, args.iterations))
