@@ -35,9 +35,9 @@ clean-venv:
 DEMO_OUT ?= runs/demo
 .PHONY: demo
 demo: venv
-	$(PY) toy.py --T 8 --n 16 --grid $(DEMO_OUT)/base_samples.png
+	$(PY) -m toy --T 8 --n 16 --grid $(DEMO_OUT)/base_samples.png
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 train.py --out $(DEMO_OUT)
-	$(PY) toy.py --dir $(DEMO_OUT)/final --T 8 --n 16 --grid $(DEMO_OUT)/final_samples.png
+	$(PY) -m toy --dir $(DEMO_OUT)/final --T 8 --n 16 --grid $(DEMO_OUT)/final_samples.png
 
 # Evaluate (Table 1 layout) the toy base model into runs/eval; EVAL_ARGS adds flags, e.g.
 #   make eval EVAL_ARGS="--model toy runs/demo/final"   (table with differences + grid.png)

@@ -254,7 +254,7 @@ def fingerprint(ref: ModelRef) -> str:
 
 
 def load_policy(ref: ModelRef, a: Args, device, dtype, cache_dir):
-    from flux import FluxPolicy
+    from policy.flux import FluxPolicy
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
     policy = FluxPolicy.from_pretrained(ref.folder, device=device, dtype=dtype, guidance=a.guidance,
                                         cache_dir=cache_dir, **dims)
@@ -287,7 +287,7 @@ def metric_needs(name: str, a: Args):
             if a.unifiedreward_local and not os.path.exists(a.unifiedreward_local):
                 raise FileNotFoundError(f"--unifiedreward-local {a.unifiedreward_local}: no such folder")
             return None
-        import unifiedreward
+        from rewards import unifiedreward
         return f"skipping UnifiedReward: needs {unifiedreward.ORIGIN}"
     if name not in given:
         raise SystemExit(f"evaluate.py: unknown metric {name!r}; valid: {', '.join(PAPER_METRICS)} or toy-*")
@@ -297,7 +297,7 @@ def metric_needs(name: str, a: Args):
             raise FileNotFoundError(f"--{k.replace('_', '-')} {getattr(a, k)}: no such file or folder")
     if all(getattr(a, k) for k in given[name]):
         return None
-    import imagereward
+    from rewards import imagereward
     origin = imagereward.ORIGIN if name == "imagereward" else rewards.REWARDS[name][3]
     flags = " and ".join("--" + k.replace("_", "-") for k in given[name])
     return f"skipping {TITLES[name]}: needs {flags} ({origin})"
@@ -309,10 +309,10 @@ def load_metric(name: str, a: Args, device):
         paths = {k: getattr(a, k) for k in ("hps_checkpoint", "clip_model", "pickscore_model", "pickscore_processor")}
         return rewards.load_rewards(name, device=device, **paths)[0]
     if name == "imagereward":
-        import imagereward
+        from rewards import imagereward
         return imagereward.load(a.imagereward_checkpoint, a.imagereward_tokenizer, a.imagereward_med_config or None,
                                 device=device)
-    import unifiedreward
+    from rewards import unifiedreward
     return unifiedreward.load(url=a.unifiedreward_url or None, model=a.unifiedreward_model or None,
                               local=a.unifiedreward_local or None, device=device, strict=False,
                               workers=a.unifiedreward_workers)
@@ -413,8 +413,8 @@ def evaluate_model(ref: ModelRef, items: list, metrics: list, skipped: dict, sco
                 if policy is None:
                     policy = load_policy(ref, a, device, dtype, run.parent / "prompt_cache")
                     policy.encode_prompts(todo_prompts, batch_size=1)  # alone: the same numbers on any world size
-                import toy
-                x = toy.sample(policy, [it.prompt for it in batch], [it.seed for it in batch], a.steps, a.shift,
+                from policy.flux import sample
+                x = sample(policy, [it.prompt for it in batch], [it.seed for it in batch], a.steps, a.shift,
                                batch_size=len(batch))  # (b, 3, H, W) in [0, 1], the whole batch
                 u8 = (x.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
                 for it, img in zip(batch, u8):

@@ -376,7 +376,7 @@ def main(argv=None):
     torch.manual_seed(a.seed + rank)
     random.seed(a.seed + rank), np.random.seed(a.seed + rank)
 
-    from flux import FluxPolicy
+    from policy.flux import FluxPolicy
     from rewards import load_rewards
     if a.model:
         model_dir = Path(a.model)
@@ -506,12 +506,13 @@ def main(argv=None):
 
 def write_samples(policy, prompts, a, path, is_main):
     """Deterministic samples of fixed prompts and seeds (every rank runs the FSDP forwards)."""
-    import toy
+    from policy.flux import sample
+    from report.figures import save_grid
     policy.transformer.eval()
     scale = max(1, 96 // policy.height)
-    imgs = toy.sample(policy, [p for p in prompts for _ in range(2)], [0, 1] * len(prompts), a.T, a.shift)
+    imgs = sample(policy, [p for p in prompts for _ in range(2)], [0, 1] * len(prompts), a.T, a.shift)
     if is_main:
-        toy.save_grid(imgs, prompts, 2, path, scale)
+        save_grid(imgs, prompts, 2, path, scale)
     policy.transformer.train()
 
 

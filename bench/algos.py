@@ -98,7 +98,7 @@ def evaluate(model_dir: Path, path: Path) -> dict:
     if not path.exists():
         import torch
         import toy
-        from flux import FluxPolicy
+        from policy.flux import FluxPolicy
         torch.set_num_threads(1)
         policy = FluxPolicy.from_pretrained(model_dir, dtype=torch.float32)
         table = toy.reward_table(policy, n=EVAL_N, T=EVAL_T, seed=0)

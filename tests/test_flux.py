@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import FluxPipeline  # noqa: E402
 
-import flux  # noqa: E402
+from policy import flux  # noqa: E402
 import tiny_flux  # noqa: E402
 from sde import ode_step, sigma_grid  # noqa: E402
 

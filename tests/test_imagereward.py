@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import imagereward  # noqa: E402
+from rewards import imagereward  # noqa: E402
 
 WORDS = "a photo of red blue green cat dog on the mat sky big small house tree with ##s".split()
 DIM_V, DIM_T, DEPTH, FFN, MAX_POS = 128, 128, 2, 256, 40  # 2 heads of 64 in both towers (width / 64)

@@ -206,9 +206,9 @@ def test_pickscore_is_scaled_cosine(pickscore_dirs):
     pix = TF.resize(x, [32, 51], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)[..., 9:41]
     pix = TF.normalize(pix, list(rewards.OPENAI_MEAN), list(rewards.OPENAI_STD))  # [0, 1] input: no 1/255
     with torch.no_grad():
-        f_i = F.normalize(rewards._features(model.get_image_features(pixel_values=pix)), dim=-1)
+        f_i = F.normalize(rewards.clip._features(model.get_image_features(pixel_values=pix)), dim=-1)
         t = tok(PROMPTS, padding=True, return_tensors="pt")
-        f_t = F.normalize(rewards._features(model.get_text_features(**t)), dim=-1)
+        f_t = F.normalize(rewards.clip._features(model.get_text_features(**t)), dim=-1)
     expected = model.logit_scale.exp() * (f_i * f_t).sum(-1)
     assert s.shape == (3,) and s.dtype == torch.float32
     torch.testing.assert_close(s, expected.detach(), atol=1e-4, rtol=0)

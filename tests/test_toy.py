@@ -10,7 +10,7 @@ import torchvision.transforms.functional as TF
 from hypothesis import given, settings, strategies as st
 
 import toy
-from flux import FluxPolicy
+from policy.flux import FluxPolicy
 
 SIZE = 16
 TINY = toy.ToyConfig(heads=2, double_blocks=1, single_blocks=1, text_dim=16, text_layers=1, steps=2, batch=4)
@@ -199,7 +199,7 @@ def test_saved_model_reloads_with_the_same_velocity(saved):
 
 
 def test_base_model_is_reused_not_retrained(saved, monkeypatch):
-    monkeypatch.setattr(toy, "pretrain", lambda *a, **k: pytest.fail("pretrained again"))
+    monkeypatch.setattr(toy.model, "pretrain", lambda *a, **k: pytest.fail("pretrained again"))
     assert toy.base_model(saved, seed=5, cfg=TINY) == saved
     with pytest.raises(ValueError, match="holds the toy model"):
         toy.base_model(saved, seed=6, cfg=TINY)
@@ -211,11 +211,13 @@ def test_base_model_is_reused_not_retrained(saved, monkeypatch):
 def test_sample_grid_png(saved, tmp_path):
     from PIL import Image
     policy = FluxPolicy.from_pretrained(saved, dtype=torch.float32)
-    out = toy.sample_grid(policy, tmp_path / "grid.png", prompts=toy.GRID_PROMPTS[:2], seeds=[0, 1], T=2, scale=2)
+    from toy.__main__ import sample_grid
+    out = sample_grid(policy, tmp_path / "grid.png", prompts=toy.GRID_PROMPTS[:2], seeds=[0, 1], T=2, scale=2)
     assert Image.open(out).size == (190 + 2 * (2 * SIZE + 2), 2 * (2 * SIZE + 2))
     attrs = [toy.parse(p) for p in toy.GRID_PROMPTS for _ in range(3)]
     truth = toy.render(attrs, SIZE, r=torch.linspace(2.5, 3.5, len(attrs)))  # every cell different
-    out = toy.save_grid(truth, toy.GRID_PROMPTS, 3, tmp_path / "truth.png", scale=1)
+    from report.figures import save_grid
+    out = save_grid(truth, toy.GRID_PROMPTS, 3, tmp_path / "truth.png", scale=1, marked=toy.HELDOUT_PROMPTS)
     png = torch.from_numpy(np.array(Image.open(out).convert("RGB"))).permute(2, 0, 1).float()  # (3, H, W)
     for i, j in ((0, 0), (1, 2), (7, 1)):  # (row = prompt, column)
         x, y = 190 + j * (SIZE + 2), i * (SIZE + 2)

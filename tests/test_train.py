@@ -70,7 +70,7 @@ def test_smoke_two_processes(tiny_model, tmp_path):
     t = FluxTransformer2DModel.from_pretrained(out / "final" / "transformer")
     pipe = FluxPipeline.from_pretrained(out / "final", transformer=t, vae=None)  # the toy has no VAE
     assert pipe.transformer is t and (out / "samples_000000.png").exists() and (out / "samples_000002.png").exists()
-    from flux import FluxPolicy
+    from policy.flux import FluxPolicy
     base, tuned = (FluxPolicy.from_pretrained(p, dtype=torch.float32) for p in (tiny_model[0], out / "final"))
     diff = [(x - y).abs().max().item() for x, y in zip(base.transformer.parameters(), tuned.transformer.parameters())]
     assert max(diff) > 0  # the export holds the trained weights, not the base ones

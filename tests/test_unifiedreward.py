@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import unifiedreward as ur  # noqa: E402
+from rewards import unifiedreward as ur  # noqa: E402
 
 
 # ---------------------------------------------------------------- parsing

@@ -43,9 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .clip import OPENAI_MEAN, OPENAI_STD
+
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the released model's score normalisation
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LENGTH = 35  # prompt tokens, [CLS] and [SEP] included
 UNUSED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
 ORIGIN = ("ImageReward.pt and med_config.json from the Hugging Face repo THUDM/ImageReward, and a "

@@ -36,6 +36,8 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
+from sde import ode_step, sigma_grid
+
 ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 LAYOUT = "model_index.json, transformer/, vae/ (optional), " + "/, ".join(ENCODER_PARTS) + "/"
 DEFAULTS = {"height": 720, "width": 720, "max_sequence_length": 512, "guidance": 3.5}  # the paper's
@@ -260,3 +262,20 @@ def _tokenize(tok, texts, n: int) -> torch.Tensor:
     if max(len(ids) for ids in tok(texts).input_ids) > n:
         warnings.warn(f"a prompt has more than {n} {type(tok).__name__} tokens: truncated, as FluxPipeline does")
     return tok(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def sample(policy: FluxPolicy, prompts, seeds, T: int = 16, shift: float = 3.0, batch_size: int = 64):
+    """ODE (Eq. 1) samples (B, 3, H, W) in [0, 1]; sample i starts from policy.noise(1, seed seeds[i]).
+    Used for sample grids and evaluation; batch_size prompts share one batched call per step."""
+    sigmas, out = sigma_grid(T, shift), []
+    policy.encode_prompts(prompts)  # all new prompts in one pass (it loads the text encoders)
+    for i in range(0, len(prompts), batch_size):
+        ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        x = torch.cat([policy.noise(1, torch.Generator().manual_seed(int(s))) for s in ss])  # (b, L, C)
+        conds = [policy.embed(p) for p in ps]
+        v = policy.velocity(Cond(torch.cat([c.prompt_embeds for c in conds]), torch.cat([c.pooled for c in conds])))
+        for k in range(T):
+            x = ode_step(x, v(x, sigmas[k].expand(len(ps))), sigmas[k], sigmas[k + 1])
+        out.append(policy.decode(x))
+    return torch.cat(out)

@@ -1,0 +1,28 @@
+"""Atomic files: a reader (or a resumed run) never sees a half-written file.
+
+Every file a run writes whole (images, grids, plots, JSON) goes through `atomic_write`: the
+content is written to a hidden temporary sibling, then renamed over the target (rename is atomic
+on POSIX within one folder).
+"""
+import os
+from pathlib import Path
+
+
+def atomic_write(path, write):
+    """write(tmp_path) then rename tmp_path to `path`; the folder is created. Returns the Path.
+    The temporary name keeps the suffix, so writers that infer the format from it (PIL, matplotlib)
+    work; a failed write leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path, text: str):
+    """Atomically write a text file."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
