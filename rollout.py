@@ -27,6 +27,11 @@ Number of ODE steps: ceil((T - k - 1) / lam); lam = 1 is the full grid. `fine_fi
 the reference code's variant (one fine step to j + 1, then every lam-th point), in which the first
 two velocities of a branch are shared by all granularities.
 
+Training needs two more steps, both here so that this file holds the whole algorithm:
+  stack_images  the rollout's clean latents in the (|Lambda|, |M|, G, ...) layout of Eqs. 8 and 11;
+  rescore       log p_theta(x^i_{k-1} | x_k, c) of a group under the CURRENT policy, with gradients:
+                one model evaluation at the shared x_k serves the G branches (Eq. 12's ratio).
+
 v(x, t) is any velocity function: x (B, ...), t (B,) -> (B, ...). Conditioning is closed over.
 """
 import math
@@ -34,7 +39,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sde import ode_step, sde_step
+try:  # copied into a package folder
+    from .sde import ode_step, sde_step
+except ImportError:  # flat files on sys.path (this repository)
+    from sde import ode_step, sde_step
 
 
 def strided_grid(T: int, k: int, lam: int, fine_first: bool = False) -> list:
@@ -68,7 +76,6 @@ class Group:
 class Rollout:
     sigmas: torch.Tensor  # (T + 1,)
     anchor: torch.Tensor  # (T + 1, ...) deterministic trajectory, anchor[T] is its image
-    anchor_v: torch.Tensor  # (T, ...) its velocities
     groups: list = field(default_factory=list)  # one Group per k in M
     calls: int = 0  # batched calls of v
     evals: int = 0  # per-sample evaluations (sum of batch sizes)
@@ -76,11 +83,13 @@ class Rollout:
 
 @torch.no_grad()
 def singular_rollout(v, x_T, sigmas, M, G, Lambda=(1, 2, 3), eta=0.7, schedule="flowgrpo",
-                     fine_first=False, generator=None) -> Rollout:
-    """Algorithm 1, lines 7-19, for one prompt. x_T: (1, ...) shared initial noise."""
+                     fine_first=False, generator=None, batched=True) -> Rollout:
+    """Algorithm 1, lines 7-19, for one prompt. x_T: (1, ...) shared initial noise.
+    batched=False continues each granularity on its own (ode_path, Eq. 10 as written); the default
+    shares and batches the same evaluations (_continue_batched). Both give the same images."""
     T = len(sigmas) - 1
     _check(T, M, G, Lambda)
-    out = Rollout(sigmas=sigmas, anchor=None, anchor_v=None)
+    out = Rollout(sigmas=sigmas, anchor=None)
 
     def call(x, t):  # every model evaluation goes through here and is counted
         out.calls, out.evals = out.calls + 1, out.evals + x.shape[0]
@@ -91,61 +100,69 @@ def singular_rollout(v, x_T, sigmas, M, G, Lambda=(1, 2, 3), eta=0.7, schedule="
     for i in range(T):
         vs.append(call(xs[i], sigmas[i : i + 1]))
         xs.append(ode_step(xs[i], vs[i], sigmas[i], sigmas[i + 1]))
-    out.anchor, out.anchor_v = torch.cat(xs), torch.cat(vs)
+    out.anchor = torch.cat(xs)
 
     for k in M:
-        # 2. one SDE step, G directions, shared x_k and shared velocity (no evaluation)
+        # 2. one SDE step (Eq. 3), G directions, shared x_k and shared velocity (no evaluation)
         x_k, v_k = xs[k], vs[k]
         rep = (G,) + (-1,) * (x_k.ndim - 1)
         x_next, logp, _, _ = sde_step(x_k.expand(rep), v_k.expand(rep), sigmas[k], sigmas[k + 1],
                                       eta, schedule, generator=generator)
-        # 3. ODE continuations on the strided grids; a node = a grid prefix (shared by its lams)
+        # 3. ODE continuations to t = 0 on the strided grid of every granularity (Eq. 10)
         paths = {lam: strided_grid(T, k, lam, fine_first) for lam in Lambda}
-        state = {(k + 1,): x_next}  # prefix -> (G, ...)
-        d = 0
-        while nodes := sorted({tuple(p[: d + 1]) for p in paths.values() if len(p) > d + 1}):
-            x = torch.cat([state[n] for n in nodes])  # (len(nodes) * G, ...)
-            t = torch.cat([sigmas[n[-1]].repeat(G) for n in nodes])
-            vel = call(x, t).split(G)
-            for n, vn in zip(nodes, vel):
-                for p in paths.values():
-                    child = tuple(p[: d + 2])
-                    if tuple(p[: d + 1]) == n and len(p) > d + 1 and child not in state:
-                        state[child] = ode_step(state[n], vn, sigmas[n[-1]], sigmas[p[d + 1]])
-            d += 1
-        images = {lam: state[tuple(p)] for lam, p in paths.items()}
+        if batched:
+            images = _continue_batched(call, x_next, sigmas, paths)
+        else:
+            images = {lam: ode_path(call, x_next, sigmas, p) for lam, p in paths.items()}
         out.groups.append(Group(k=k, x_k=x_k, x_next=x_next, log_prob=logp, images=images))
     return out
 
 
-@torch.no_grad()
-def trajectory_rollout(v, x_T, sigmas, G, sde_steps, eta=0.7, schedule="flowgrpo", generator=None) -> Rollout:
-    """The baselines' sampling (DanceGRPO, Flow-GRPO, MixGRPO), for comparison runs: G whole
-    trajectories from the shared x_T with an SDE step (Eq. 3) at every grid index in `sde_steps` and
-    an ODE step (Eq. 1) elsewhere. The deterministic anchor rides along as row 0 of the same batched
-    calls (T calls of G + 1). One Group per SDE step; x_k holds the G branches' own states and
-    every group's images are the G final images (one reward per trajectory, Eq. 4)."""
-    T = len(sigmas) - 1
-    if G < 2 or any(not 0 <= k < T for k in sde_steps):
-        raise ValueError(f"need G >= 2 and SDE steps in [0, {T - 1}], got G={G}, steps={sde_steps}")
-    out = Rollout(sigmas=sigmas, anchor=None, anchor_v=None, calls=T, evals=T * (G + 1))
-    x = x_T.expand((G + 1,) + x_T.shape[1:])  # (G + 1, ...) row 0: anchor
-    xs, vs = [x_T], []
-    for i in range(T):
-        vel = v(x, sigmas[i].repeat(G + 1).to(x.device, x.dtype))
-        x_anchor = ode_step(x[:1], vel[:1], sigmas[i], sigmas[i + 1])
-        if i in sde_steps:
-            x_next, logp, _, _ = sde_step(x[1:], vel[1:], sigmas[i], sigmas[i + 1], eta, schedule,
-                                          generator=generator)
-            out.groups.append(Group(k=i, x_k=x[1:], x_next=x_next, log_prob=logp, images={}))
-        else:
-            x_next = ode_step(x[1:], vel[1:], sigmas[i], sigmas[i + 1])
-        xs.append(x_anchor), vs.append(vel[:1])
-        x = torch.cat([x_anchor, x_next])
-    for grp in out.groups:
-        grp.images[1] = x[1:]
-    out.anchor, out.anchor_v = torch.cat(xs), torch.cat(vs)
-    return out
+def ode_path(v, x, sigmas, path) -> torch.Tensor:
+    """Eq. 10 for one granularity, as written: x (B, ...) at grid index path[0], one ODE step (Eq. 1)
+    to each next index of `path`; returns the state at path[-1] (the image when path[-1] = T)."""
+    for i, j in zip(path[:-1], path[1:]):
+        x = ode_step(x, v(x, sigmas[i].repeat(x.shape[0])), sigmas[i], sigmas[j])
+    return x
+
+
+def _continue_batched(call, x_next, sigmas, paths) -> dict:
+    """ode_path for every granularity at once. A node is a grid prefix: granularities that share a
+    prefix share its state, so its velocity is evaluated once; all nodes of one depth, across
+    granularities, go to the model in ONE batched call (per-sample t). Returns lam -> (G, ...)."""
+    G, j = x_next.shape[0], next(iter(paths.values()))[0]
+    state = {(j,): x_next}  # prefix -> (G, ...)
+    d = 0
+    while nodes := sorted({tuple(p[: d + 1]) for p in paths.values() if len(p) > d + 1}):
+        x = torch.cat([state[n] for n in nodes])  # (len(nodes) * G, ...)
+        t = torch.cat([sigmas[n[-1]].repeat(G) for n in nodes])
+        vel = call(x, t).split(G)
+        for n, vn in zip(nodes, vel):
+            for p in paths.values():
+                child = tuple(p[: d + 2])
+                if tuple(p[: d + 1]) == n and len(p) > d + 1 and child not in state:
+                    state[child] = ode_step(state[n], vn, sigmas[n[-1]], sigmas[p[d + 1]])
+        d += 1
+    return {lam: state[tuple(p)] for lam, p in paths.items()}
+
+
+def stack_images(ro: Rollout) -> torch.Tensor:
+    """(|Lambda|, |M|, G, ...) clean latents x^{i,j}_{0<-k}: decode and score them, reshape the scores
+    to (n_rewards, |Lambda|, |M|, G) and advantage.mixed_advantage gives A^{mix} (|M|, G)."""
+    lams = list(ro.groups[0].images)
+    return torch.stack([torch.stack([g.images[lam] for g in ro.groups]) for lam in lams])
+
+
+def rescore(v, group: Group, sigmas, eta: float, schedule: str = "flowgrpo") -> torch.Tensor:
+    """(G,) log p_theta(x^i_{k-1} | x_k, c) of the group's G next states under the current policy v,
+    with gradients: Eq. 3 scoring the stored x_next. ONE model evaluation at the shared x_k (batch 1)
+    serves all G branches; a group whose x_k holds G states (the trajectory baselines) evaluates each.
+    Eq. 12's ratio is exp(rescore(...) - group.log_prob)."""
+    t, t_next = sigmas[group.k], sigmas[group.k + 1]
+    v_k = v(group.x_k, t.float().expand(group.x_k.shape[0]))  # (1 or G, ...)
+    rep = (group.x_next.shape[0],) + (-1,) * (group.x_k.ndim - 1)
+    _, logp, _, _ = sde_step(group.x_k.expand(rep), v_k.expand(rep), t, t_next, eta, schedule, x_next=group.x_next)
+    return logp
 
 
 def predicted_evaluations(T, M, G, Lambda, fine_first=False):

@@ -7,7 +7,7 @@
 
 Every run starts from the same toy base model, sees the same prompt stream (same sampler seed) and
 uses train.py's toy preset; a seed changes x_T and the SDE noise. Hyperparameters are fixed per
-algorithm in train.py (TOY_PRESET, ALGO_PRESET) and were committed before any baseline run.
+algorithm (train.PRESETS['toy'], baselines/grpo.py PRESETS) and were committed before any baseline run.
 
 Two budgets:
   (a) the same number of iterations (--iterations, 50);
@@ -44,8 +44,8 @@ METHODS = [  # (label, --algo, extra flags)
     ("MixGRPO", "mixgrpo", []),
 ]
 ABLATION = [  # paper Table 2; {1} and {1,2,3} are the first two methods
-    ("Lambda {1,2}", "g2rpo", ["--Lambda", "1,2"]),
-    ("Lambda {1,3}", "g2rpo", ["--Lambda", "1,3"]),
+    ("Lambda {1,2}", "g2rpo", ["--Lambda", "1", "2"]),
+    ("Lambda {1,3}", "g2rpo", ["--Lambda", "1", "3"]),
 ]
 ABLATION_ROWS = [("{1}", "G2RPO w/o MGAI"), ("{1,2}", "Lambda {1,2}"), ("{1,3}", "Lambda {1,3}"),
                  ("{1,2,3}", "G2RPO")]
@@ -63,8 +63,9 @@ def cost_per_prompt(algo: str, extra) -> int:
     import train
     from rollout import predicted_evaluations
     a = train.parse_args(["--algo", algo] + list(extra))
-    lams, M = train.check_args(a)
-    return predicted_evaluations(a.T, M, a.G, lams, a.fine_first)[1] if algo.startswith("g2rpo") else a.T * a.G
+    train.check_args(a)
+    return predicted_evaluations(a.T, train.sde_steps(a), a.G, a.Lambda, a.fine_first)[1] \
+        if algo.startswith("g2rpo") else a.T * a.G
 
 
 def budget_iterations(algo, extra, iterations: int) -> int:
