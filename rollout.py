@@ -122,7 +122,7 @@ def ode_path(v, x, sigmas, path) -> torch.Tensor:
     """Eq. 10 for one granularity, as written: x (B, ...) at grid index path[0], one ODE step (Eq. 1)
     to each next index of `path`; returns the state at path[-1] (the image when path[-1] = T)."""
     for i, j in zip(path[:-1], path[1:]):
-        x = ode_step(x, v(x, sigmas[i].repeat(x.shape[0])), sigmas[i], sigmas[j])
+        x = ode_step(x, v(x, sigmas[i].repeat(x.shape[0]).to(x.device, x.dtype)), sigmas[i], sigmas[j])
     return x
 
 

@@ -271,24 +271,12 @@ def load_checkpoint(out: Path, model, optim, rank: int):
 
 
 def export_model(out: Path, model, model_dir: Path, rank: int):
-    """Write out/final: the model folder with the trained transformer (diffusers format); the
-    other components are symlinked, so FluxPipeline/FluxPolicy.from_pretrained(out/final) work."""
-    import shutil
-    from diffusers import FluxTransformer2DModel
+    """out/final: the model folder with the trained transformer (policy.flux.save_model_folder)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from policy.flux import save_model_folder
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        final, tmp = out / "final", out / "final.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        with torch.device("meta"):
-            plain = FluxTransformer2DModel.from_config(model.config)
-        plain.load_state_dict(sd, assign=True)
-        plain.save_pretrained(tmp / "transformer")
-        for item in model_dir.iterdir():
-            if item.name != "transformer" and not (tmp / item.name).exists():
-                (tmp / item.name).symlink_to(item.resolve())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        save_model_folder(out / "final", sd, model.config, model_dir)
     dist.barrier()
 
 
@@ -411,8 +399,9 @@ def update(policy, model, optim, results, As, a, device) -> dict:
     return stats
 
 
-def log_record(it, results, As, stats, plan, rewards, finite, meter, gathered_rollout, t_roll, t_train, device):
-    """One line of metrics.jsonl: rewards averaged over prompts and ranks, the update's diagnostics."""
+def log_record(it, results, As, stats, plan, rewards, finite, costs) -> dict:
+    """One line of metrics.jsonl: rewards averaged over prompts and ranks, the update's diagnostics,
+    and `costs` (gathered bytes, the seconds of the rollout with rewards and of the update)."""
     mean = mean_over_ranks({
         "R": torch.stack([s.R.mean((2, 3)) for s in results]).mean(0),  # (n_r, L); |k| may differ per prompt
         "anchor": torch.stack([s.anchor_reward for s in results]).mean(0),  # (n_r,)
@@ -430,14 +419,42 @@ def log_record(it, results, As, stats, plan, rewards, finite, meter, gathered_ro
             "adv_abs_mean": A.abs().mean().item(), "adv_std": A.std().item(),
             "reward_std_in_group": torch.stack([s.R.std(-1).mean() for s in results]).mean().item(),
             "model_evaluations": plan.evals * len(results), "batched_calls": plan.calls * len(results),
-            "gathered_bytes_rollout": gathered_rollout, "gathered_bytes_train": meter.take(),
-            "sec_reward": sec_reward, "sec_rollout": t_roll - sec_reward, "sec_train": t_train,
-            "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss()) / 2**30}
+            "gathered_bytes_rollout": costs["gathered_rollout"], "gathered_bytes_train": costs["gathered_train"],
+            "sec_reward": sec_reward, "sec_rollout": costs["sec_rollout"] - sec_reward, "sec_train": costs["sec_train"],
+            "peak_mem_gb": costs["peak_mem_gb"]}
 
 
-def _rss() -> int:
+def peak_memory_gb(device) -> float:
+    """Peak memory of this process: the CUDA allocator's on a GPU, the resident set on the CPU."""
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak / 2**30
+
+
+def start_log(a, plan, world, device, out, start):
+    """Rank 0: the derived numbers of this run, args.json, metrics.jsonl cut back to the checkpoint resumed."""
+    P = world * a.prompts_per_rank
+    print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
+          f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals} in {plan.calls} batched "
+          f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | device {device}", flush=True)
+    (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():  # keep only what the checkpoint we continue from has seen
+        keep = [l for l in metrics.read_text().splitlines() if json.loads(l)["iteration"] <= start]
+        metrics.write_text("".join(l + "\n" for l in keep))
+
+
+def write_log(rec, out, bar):
+    """Rank 0: append the record to metrics.jsonl, show it on the progress bar, redraw the reward curve."""
+    from report.figures import plot_curve
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    bar.set_postfix({**{k: f"{v:.4f}" for k, v in rec["anchor_reward"].items()},
+                     "loss": f"{rec['loss']:+.2e}", "drift": f"{rec.get('ratio_drift_mean', 0):.1e}"})
+    if rec["skipped"]:
+        bar.write(f"iteration {rec['iteration']}: non-finite reward or advantage, update skipped")
+    plot_curve(out / "metrics.jsonl", out / "reward_curve.png")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,7 +469,6 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed + rank), random.seed(a.seed + rank), np.random.seed(a.seed + rank)
     from policy.flux import FluxPolicy
-    from report.figures import plot_curve
     from rewards import load_rewards
     model_dir, prompts, grid_prompts, marked = load_world(a, rank)
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
@@ -471,15 +487,7 @@ def main(argv=None):
     meter, sigmas = GatherMeter(), sigma_grid(a.T, a.shift).to(device)
     plan = G2RPO(a, sigmas) if a.algo.startswith("g2rpo") else TrajectoryGRPO(a, sigmas)  # chosen once
     if is_main:
-        P = world * a.prompts_per_rank
-        print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
-              f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals} in {plan.calls} batched "
-              f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | device {device}", flush=True)
-        (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
-    metrics_file = out / "metrics.jsonl"
-    if is_main and metrics_file.exists():  # keep only what the checkpoint we continue from has seen
-        keep = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["iteration"] <= start]
-        metrics_file.write_text("".join(l + "\n" for l in keep))
+        start_log(a, plan, world, device, out, start)
     if start == 0:
         write_samples(policy, grid_prompts, marked, a, out / "samples_000000.png", is_main)
     bar = tqdm(range(start, a.iterations), initial=start, total=a.iterations, disable=not is_main, dynamic_ncols=True)
@@ -501,16 +509,11 @@ def main(argv=None):
         t1 = time.time()  # lines 24-26: Eq. 12 and the update, skipped on every rank if any rank is non-finite
         model.train(), optim.zero_grad(set_to_none=True)
         stats = update(policy, model, optim, results, As, a, device) if all_true(finite, device) else {}
-        rec = log_record(it, results, As, stats, plan, rewards, finite, meter, gathered_rollout, t_roll,
-                         time.time() - t1, device)
+        costs = dict(gathered_rollout=gathered_rollout, gathered_train=meter.take(), sec_rollout=t_roll,
+                     sec_train=time.time() - t1, peak_mem_gb=peak_memory_gb(device))
+        rec = log_record(it, results, As, stats, plan, rewards, finite, costs)
         if is_main:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix({**{k: f"{v:.4f}" for k, v in rec["anchor_reward"].items()},
-                             "loss": f"{rec['loss']:+.2e}", "drift": f"{stats.get('ratio_drift_mean', 0):.1e}"})
-            if not finite:
-                bar.write(f"iteration {it + 1}: non-finite reward or advantage, update skipped")
-            plot_curve(metrics_file, out / "reward_curve.png")
+            write_log(rec, out, bar)
         if a.checkpoint_every and (it + 1) % a.checkpoint_every == 0:
             save_checkpoint(out, it + 1, model, optim, sampler.position, rank)
             write_samples(policy, grid_prompts, marked, a, out / f"samples_{it + 1:06d}.png", is_main)

@@ -14,7 +14,7 @@ def test_budget_matches_g2rpo_rollout_cost():
     # toy preset: T = 8, G = 8, M = first 4 steps; G2RPO Lambda {1,2,3}: 288; {1}: 184; baselines T*G
     assert algos.cost_per_prompt("g2rpo", []) == 288
     assert algos.cost_per_prompt("g2rpo-no-mgai", []) == 184
-    assert algos.cost_per_prompt("g2rpo", ["--Lambda", "1,3"]) == 224
+    assert algos.cost_per_prompt("g2rpo", ["--Lambda", "1", "3"]) == 224
     for algo in ("dancegrpo", "flowgrpo", "mixgrpo"):
         assert algos.cost_per_prompt(algo, []) == 8 * 8
         assert algos.budget_iterations(algo, [], 50) == 225

@@ -125,23 +125,55 @@ def test_bad_arguments(kw, msg):
         run(**args)
 
 
-# ---- the baselines' sampling (trajectory_rollout) ---------------------------------------------
-def test_trajectory_rollout_is_stochastic_exactly_at_its_sde_steps():
-    v = CountingVelocity()
-    x_T = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(0))
-    T, G = 8, 4
-    out = rollout.trajectory_rollout(v, x_T, sde.sigma_grid(T), G, [2, 5], eta=0.7,
-                                     generator=torch.Generator().manual_seed(1))
-    assert (v.calls, v.evals) == (out.calls, out.evals) == (T, T * (G + 1))
-    assert [g.k for g in out.groups] == [2, 5]
-    g2, g5 = out.groups
-    assert torch.equal(g2.x_k, g2.x_k[:1].expand_as(g2.x_k))  # ODE before step 2: branches identical
-    assert not torch.equal(g2.x_next[0], g2.x_next[1])  # they split at the SDE step
-    assert not torch.equal(g5.x_k[0], g5.x_k[1]) and g5.log_prob.shape == (G,)
-    assert torch.equal(g2.images[1], g5.images[1]) and g2.images[1].shape == (G, 3, 5)  # one image per trajectory
-    # row 0 is the pure ODE anchor: the same as singular_rollout's
-    ref = rollout.singular_rollout(CountingVelocity(), x_T, sde.sigma_grid(T), [0], 2, (1,))
-    assert torch.allclose(out.anchor, ref.anchor, atol=1e-6)
-    # no SDE step at all: every trajectory is the anchor
-    det = rollout.trajectory_rollout(CountingVelocity(), x_T, sde.sigma_grid(T), G, [])
-    assert not det.groups and det.anchor.shape == (T + 1, 3, 5)
+# ---- the readable path, stacking for the rewards, re-scoring under the current policy --------
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(2, 10), G=st.integers(2, 4), fine_first=st.booleans(), data=st.data())
+def test_plain_per_lambda_path_gives_the_same_images_as_the_batched_one(T, G, fine_first, data):
+    """Eq. 10 as written (ode_path per granularity) == the shared, batched continuation, bit for bit
+    (the velocity is row-wise, so batching cannot change a number); the batched one calls less."""
+    M = sorted(data.draw(st.sets(st.integers(0, T - 1), min_size=1, max_size=T)))
+    Lambda = tuple(data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=3, unique=True)))
+    x_T = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(T))
+    outs = [rollout.singular_rollout(CountingVelocity(), x_T, sde.sigma_grid(T), M, G, Lambda, fine_first=fine_first,
+                                     generator=torch.Generator().manual_seed(1), batched=b) for b in (True, False)]
+    for ga, gb in zip(outs[0].groups, outs[1].groups):
+        assert torch.equal(ga.x_next, gb.x_next) and torch.equal(ga.log_prob, gb.log_prob)
+        for lam in Lambda:
+            assert torch.equal(ga.images[lam], gb.images[lam]), (ga.k, lam)
+    assert outs[0].evals <= outs[1].evals and outs[0].calls <= outs[1].calls
+
+
+def test_plain_path_is_eq_10_step_by_step():
+    """ode_path visits exactly the strided grid: one Euler step (Eq. 1) per pair of points."""
+    T, k, lam = 8, 1, 3
+    path = rollout.strided_grid(T, k, lam)
+    sigmas, v = sde.sigma_grid(T), CountingVelocity()
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    for i, j in zip(path[:-1], path[1:]):
+        y = y + CountingVelocity()(y, sigmas[i].repeat(2).float()) * float(sigmas[j] - sigmas[i])
+    assert torch.allclose(rollout.ode_path(v, x, sigmas, path), y, atol=1e-6) and v.calls == len(path) - 1
+
+
+def test_stack_images_is_the_layout_of_mixed_advantage():
+    out, _ = run(M=(0, 2, 5), G=4, Lambda=(3, 1))
+    imgs = rollout.stack_images(out)
+    assert imgs.shape == (2, 3, 4, 3, 5)  # (|Lambda|, |M|, G, ...)
+    for j, lam in enumerate((3, 1)):
+        for m, grp in enumerate(out.groups):
+            assert torch.equal(imgs[j, m], grp.images[lam])
+
+
+def test_rescore_is_one_evaluation_at_the_shared_x_k_and_reproduces_the_old_log_probs():
+    """Under the rollout's own policy the ratio of Eq. 12 is exactly 1: rescore == stored log_prob,
+    with ONE model evaluation of batch 1 per group; gradients reach the policy's parameters."""
+    out, v = run(M=(0, 3), G=5)
+    for grp in out.groups:
+        v.batches.clear()
+        assert torch.equal(rollout.rescore(v, grp, out.sigmas, 0.7), grp.log_prob) and v.batches == [1]
+    w = torch.zeros(1, requires_grad=True)
+    logp = rollout.rescore(lambda x, t: CountingVelocity()(x, t) + w, out.groups[0], out.sigmas, 0.7)
+    logp.sum().backward()
+    assert w.grad is not None and w.grad.abs().item() > 0
+    other = rollout.rescore(lambda x, t: CountingVelocity()(x, t) + 0.01, out.groups[0], out.sigmas, 0.7)
+    assert not torch.equal(other, out.groups[0].log_prob)  # another policy: another log-prob

@@ -11,7 +11,7 @@ import torch
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1,2", "--sde-steps", "0,1",
+TINY = ["--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1", "2", "--sde-steps", "0", "1",
         "--eta", "0.7", "--lr", "1e-3", "--clip-range", "0.05", "--mixed-precision", "fp32",
         "--device", "cpu", "--num-samples", "2"]
 
@@ -110,21 +110,49 @@ def test_resume_equals_straight_run(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--G", "1"], "--G 1"), (["--Lambda", ""], "--Lambda"), (["--Lambda", "0,1"], "--Lambda"),
-    (["--T", "8", "--sde-steps", "0,8"], "--sde-steps"), (["--eta", "-0.1"], "--eta"),
-    (["--model", "/no/such/flux"], "no such file"), (["--schedule", "ddim"], "--schedule")])
+    (["--G", "1"], "--G 1"), (["--Lambda"], "--Lambda"), (["--Lambda", "0", "1"], "--Lambda"),
+    (["--Lambda", "1", "1"], "--Lambda"), (["--T", "8", "--sde-steps", "0", "8"], "--sde-steps"),
+    (["--eta", "-0.1"], "--eta"), (["--model", "/no/such/flux", "--prompts", __file__], "no such file"),
+    (["--model", __file__], "--prompts FILE is required"),
+    (["--algo", "dancegrpo", "--Lambda", "1", "2"], "drop --Lambda"),
+    (["--algo", "g2rpo-no-mgai", "--Lambda", "1", "2"], "g2rpo-no-mgai")])
 def test_bad_arguments_stop_with_a_clear_message(argv, msg):
     with pytest.raises(SystemExit) as e:
         train.check_args(train.parse_args(argv))
     assert msg in str(e.value)
 
 
+@pytest.mark.parametrize("argv,flag", [(["--schedule", "ddim"], "--schedule"), (["--algo", "ppo"], "--algo"),
+                                       (["--Lambda", "x"], "--Lambda"), (["--mixed-precision", "fp8"], "--mixed-precision")])
+def test_malformed_flags_are_refused_by_the_parser(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert flag in capsys.readouterr().err
+
+
 def test_defaults_are_table_4(tmp_path):
     a = train.parse_args(["--model", str(tmp_path), "--prompts", __file__])
-    assert (a.G, a.T, a.eta, a.shift, a.Lambda, a.lr, a.weight_decay, a.max_grad_norm, a.clip_range,
-            a.adv_clip, a.seed, a.sampler_seed, a.mixed_precision) == \
-        (12, 16, 0.7, 3.0, "1,2,3", 2e-6, 1e-4, 1.0, 1e-4, 5.0, 42, 1223627, "bf16")
-    assert train.check_args(a)[1] == list(range(8))  # M = the first half of the steps
+    assert (a.preset, a.G, a.T, a.eta, a.shift, a.Lambda, a.lr, a.weight_decay, a.max_grad_norm, a.clip_range,
+            a.adv_clip, a.seed, a.sampler_seed, a.mixed_precision, a.iterations) == \
+        ("paper", 12, 16, 0.7, 3.0, (1, 2, 3), 2e-6, 1e-4, 1.0, 1e-4, 5.0, 42, 1223627, "bf16", 300)
+    assert train.parse_args(["--model", str(tmp_path)]) == train.Args(model=str(tmp_path))  # Table 4 IS Args()
+    assert train.sde_steps(a) == list(range(8))  # M = the first half of the steps
+
+
+def test_presets_are_the_defaults_help_shows(capsys):
+    """No --model: the small world's preset, and --help shows exactly its values (and the algo's own)."""
+    a = train.parse_args([])
+    assert (a.preset, a.G, a.T, a.lr, a.iterations, a.reward) == ("toy", 8, 8, 1e-4, 50, "toy-adherence")
+    assert train.parse_args(["--preset", "paper"]).G == 12 and train.parse_args(["--G", "5"]).G == 5
+    d = train.parse_args(["--algo", "dancegrpo"])
+    assert (d.schedule, d.eta, d.Lambda, d.G) == ("constant", 0.3, (1,), 8)
+    for argv, shown in (([], ["--G INT", "(default: 8)", "(default: toy)"]),
+                        (["--preset", "paper"], ["(default: 12)", "(default: 300)"]),
+                        (["--algo", "dancegrpo"], ["(default: constant)", "(default: 0.3)"])):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv + ["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(s in text for s in shown), (argv, shown)
 
 
 def test_non_finite_gradient_never_reaches_the_weights():
@@ -145,33 +173,14 @@ def test_non_finite_gradient_never_reaches_the_weights():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("algo", ["g2rpo", "dancegrpo", "flowgrpo", "mixgrpo"])
-def test_each_algorithm_plans_its_own_stochastic_and_trained_steps(algo):
-    a = train.parse_args(["--algo", algo, "--T", "8", "--window", "3", "--window-shift-every", "10"])
-    lams, M = train.check_args(a)
-    g = torch.Generator().manual_seed(0)
-    sde_steps, trained = train.plan(a, 0, M, 8, g)
-    if algo == "g2rpo":
-        assert sde_steps == trained == [0, 1, 2, 3]  # the first half; every SDE step trained
-    elif algo == "flowgrpo":
-        assert sde_steps == trained == list(range(8)) and a.schedule == "flowgrpo"
-    elif algo == "dancegrpo":
-        assert sde_steps == list(range(8)) and a.schedule == "constant" and a.eta == 0.3
-        assert len(trained) == round(0.6 * 8) and set(trained) <= set(sde_steps)
-        assert trained != train.plan(a, 0, M, 8, g)[1] or trained != train.plan(a, 0, M, 8, g)[1]  # random subset
-    else:  # a window of 3 that moves one step later every 10 iterations
-        assert sde_steps == trained == [0, 1, 2]
-        assert train.plan(a, 10, M, 8, g)[0] == [1, 2, 3] and train.plan(a, 59, M, 8, g)[0] == [5, 6, 7]
-    assert train.parse_args(["--algo", "g2rpo-no-mgai"]).Lambda == "1"
-    with pytest.raises(SystemExit, match="g2rpo-no-mgai"):
-        train.check_args(train.parse_args(["--algo", "g2rpo-no-mgai", "--Lambda", "1,2"]))
-
-
 @pytest.mark.parametrize("algo", ["g2rpo-no-mgai", "dancegrpo", "flowgrpo", "mixgrpo"])
 def test_baselines_run_in_the_same_harness(tiny_model, tmp_path, algo):
     out = tmp_path / algo
-    launch(0, out, tiny_model, ["--algo", algo, "--iterations", "1", "--checkpoint-every", "0", "--no-export",
-                                "--window", "2", "--Lambda", "1"])
+    extra = ["--window", "2", "--sde-steps"] if algo != "g2rpo-no-mgai" else []  # baselines plan their own steps
+    r = launch(0, out, tiny_model, ["--algo", algo, "--iterations", "1", "--checkpoint-every", "0", "--no-export",
+                                    "--Lambda", "1", *extra])
+    images = {"g2rpo-no-mgai": "images scored/iteration 6 ", "mixgrpo": "2 forward/backward of batch 3"}
+    assert images.get(algo, "4 forward/backward of batch 3" if algo == "flowgrpo" else "of batch 3") in r.stdout
     rec = metrics(out)[0]
     assert list(rec["reward_per_lambda"]) == ["toy-adherence@1"] and rec["optimizer_steps"] == 1
     if algo != "g2rpo-no-mgai":
