@@ -15,9 +15,9 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from advantage import mixed_advantage
 from baselines.grpo import ALGOS as BASELINES, PRESETS as BASELINE_PRESETS, TrajectoryGRPO
 from loss import g2rpo_loss
+from rewards import RewardOptions, load_rewards, needs
 from rollout import default_sde_steps, predicted_evaluations, rescore, singular_rollout, stack_images
 from sde import SCHEDULES, sigma_grid
 
@@ -44,10 +45,7 @@ class Args:
     preset: Literal["paper", "toy"] = "paper"  # defaults: paper = Table 4; toy = the small world's demo (given when --model is empty)
     algo: Literal[ALGOS] = "g2rpo"  # g2rpo, g2rpo-no-mgai (Lambda = {1}), or the baselines (baselines/grpo.py)
     reward: str = "hps"  # '+'-separated reward names (rewards/), e.g. hps, hps+clip, toy-adherence
-    hps_checkpoint: str = ""  # HPS_v2.1_compressed.pt (for 'hps')
-    clip_model: str = ""  # open_clip DFN5B ViT-H-14-378 folder or file (for 'clip')
-    pickscore_model: str = ""  # PickScore_v1 folder (for 'pickscore')
-    pickscore_processor: str = ""  # CLIP-ViT-H-14 processor folder (for 'pickscore')
+    rewards: Annotated[RewardOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=RewardOptions)
     prompts: str = ""  # text file, one prompt per line (HPDv2 train prompts); toy: its own
     out: str = "runs/g2rpo"  # output folder: metrics.jsonl, checkpoints, samples, export
     iterations: int = 300  # training iterations (Algorithm 1's E)
@@ -127,10 +125,18 @@ def check_args(a: Args):
     for name, val in (("iterations", a.iterations), ("prompts_per_rank", a.prompts_per_rank)):
         if val < 1:
             errors.append(f"--{name.replace('_', '-')} {val}: must be >= 1")
-    for flag, path in (("model", a.model), ("prompts", a.prompts), ("hps-checkpoint", a.hps_checkpoint),
-                       ("clip-model", a.clip_model), ("pickscore-model", a.pickscore_model)):
+    for flag, path in (("model", a.model), ("prompts", a.prompts)):
         if path and not os.path.exists(path):
             errors.append(f"--{flag} {path}: no such file or folder")
+    names = [n.strip() for n in a.reward.split("+")]
+    if "" in names or len(set(names)) != len(names):
+        errors.append(f"--reward {a.reward!r}: give distinct reward names joined by '+', e.g. hps+clip")
+    for name in filter(None, names):
+        try:
+            if missing := needs(name, asdict(a.rewards)):
+                errors.append(f"--reward {name} needs {missing}")
+        except (ValueError, FileNotFoundError) as e:
+            errors.append(f"--reward: {e}")
     if a.model and not a.prompts:
         errors.append("--prompts FILE is required with --model (one prompt per line)")
     if errors:
@@ -469,15 +475,13 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed + rank), random.seed(a.seed + rank), np.random.seed(a.seed + rank)
     from policy.flux import FluxPolicy
-    from rewards import load_rewards
     model_dir, prompts, grid_prompts, marked = load_world(a, rank)
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
     policy = FluxPolicy.from_pretrained(model_dir, device=device, dtype=torch.float32,
                                         cache_dir=out / "prompt_cache", **dims)
     policy.encode_prompts(prompts[rank::world])  # each rank embeds its share into the disk cache
     dist.barrier()
-    paths = {k: getattr(a, k) for k in ("hps_checkpoint", "clip_model", "pickscore_model", "pickscore_processor")}
-    rewards = load_rewards(a.reward, device=device, **{k: v for k, v in paths.items() if v})
+    rewards = load_rewards(a.reward, device=device, **asdict(a.rewards))
     model = shard_model(policy.transformer, device, a.mixed_precision, a.activation_checkpointing)
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)

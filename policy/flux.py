@@ -26,7 +26,6 @@ fingerprint of the encoders, the max length, the dtype and the prompt) and frees
 import gc
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
+from report.files import atomic_write
 from sde import ode_step, sigma_grid
 
 ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
@@ -212,25 +212,9 @@ class FluxPolicy:
         return len(todo)
 
     def fingerprint(self) -> str:
-        """Identifies the text encoders + tokenizers cheaply: every file's name and size; small files
-        (configs, vocabularies) hashed whole, weight files by three 1 MiB slices (start, middle, end).
-        An edit that only touches unsampled weight bytes of a same-size file goes unnoticed."""
+        """Identifies the text encoders + tokenizers cheaply (fingerprint_files of their folders)."""
         if self._fingerprint is None:
-            h, mib = hashlib.sha256(), 1 << 20
-            for part in ENCODER_PARTS:
-                for file in sorted((self.root / part).rglob("*")):
-                    if not file.is_file():
-                        continue
-                    size = file.stat().st_size
-                    h.update(f"{file.relative_to(self.root)}:{size}\n".encode())
-                    with open(file, "rb") as fh:
-                        if size <= 4 * mib:
-                            h.update(fh.read())
-                        else:
-                            for offset in (0, size // 2, size - mib):
-                                fh.seek(offset)
-                                h.update(fh.read(mib))
-            self._fingerprint = h.hexdigest()[:32]
+            self._fingerprint = fingerprint_files([self.root / part for part in ENCODER_PARTS])[:32]
         return self._fingerprint
 
     def _key(self, prompt: str) -> str:
@@ -248,13 +232,52 @@ class FluxPolicy:
         if self.cache_dir is None:
             self._memory[key] = cond
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         entry = {"fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
                  "dtype": str(self.dtype), "prompt": prompt,
                  "prompt_embeds": cond.prompt_embeds, "pooled": cond.pooled}
-        tmp = self._path(key).with_suffix(f".tmp{os.getpid()}")
-        torch.save(entry, tmp)
-        os.replace(tmp, self._path(key))  # atomic: several processes may share the cache
+        atomic_write(self._path(key), lambda tmp: torch.save(entry, tmp))  # several processes may share the cache
+
+
+def fingerprint_files(roots) -> str:
+    """sha256 (hex) of the files under the folders `roots`, in order: every file's path relative to its root's
+    parent and its size; small files (configs, vocabularies) hashed whole, bigger ones (weights) by three 1 MiB
+    slices (start, middle, end). An edit that only touches unsampled bytes of a same-size file goes unnoticed."""
+    h, mib = hashlib.sha256(), 1 << 20
+    for root in map(Path, roots):
+        for file in sorted(root.rglob("*")):
+            if not file.is_file():
+                continue
+            size = file.stat().st_size
+            h.update(f"{file.relative_to(root.parent)}:{size}\n".encode())
+            with open(file, "rb") as fh:
+                if size <= 4 * mib:
+                    h.update(fh.read())
+                else:
+                    for offset in (0, size // 2, size - mib):
+                        fh.seek(offset)
+                        h.update(fh.read(mib))
+    return h.hexdigest()
+
+
+def save_model_folder(path, state_dict, config, model_dir):
+    """Write a model folder at `path`: `model_dir` with its transformer replaced by one of `config` holding
+    `state_dict` (diffusers format); the other components are symlinked. FluxPipeline and
+    FluxPolicy.from_pretrained load it. Written beside as path.tmp, then renamed."""
+    import os
+    import shutil
+    path, model_dir = Path(path), Path(model_dir)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        plain = FluxTransformer2DModel.from_config(config)
+    plain.load_state_dict(state_dict, assign=True)
+    plain.save_pretrained(tmp / "transformer")
+    for item in model_dir.iterdir():
+        if item.name != "transformer" and not (tmp / item.name).exists():
+            (tmp / item.name).symlink_to(item.resolve())
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
 
 
 def _tokenize(tok, texts, n: int) -> torch.Tensor:

@@ -1,6 +1,5 @@
-"""Figures a run writes: the sample grid (fixed prompts x seeds) and the reward curve (the paper's Fig. 1a).
-
-The comparison grid of several evaluated models (Fig. 4) is `evaluate.py`'s, next to the tables.
+"""Figures: the sample grid (fixed prompts x seeds), the reward curve (the paper's Fig. 1a) and the grid that
+compares evaluated models (Fig. 4).
 """
 import json
 from pathlib import Path
@@ -43,3 +42,36 @@ def plot_curve(metrics_file: Path, path: Path):
     ax.set_xlabel("iteration"), ax.set_ylabel("reward of the ODE sample"), ax.legend(), fig.tight_layout()
     atomic_write(path, fig.savefig)
     plt.close(fig)
+
+
+def comparison_grid(runs: list, path: Path, n_rows: int = 6):
+    """Fig. 4 style, from evaluate.py's run folders: a row per prompt (the first image of evenly spaced prompts
+    that every run has with the same seed), a column per run. Reads the PNGs of the cells only. Atomic; None
+    when the runs share no such image."""
+    from PIL import Image, ImageDraw
+    manifests = [json.loads((r / "manifest.json").read_text()) for r in runs]
+    firsts = [{(e["prompt"], e["seed"]): e for e in m["images"] if e["k"] == 0} for m in manifests]
+    common = [e for e in manifests[0]["images"] if e["k"] == 0 and all((e["prompt"], e["seed"]) in f for f in firsts)]
+    if not common:
+        return None
+    k = min(n_rows, len(common))
+    rows = [common[round(i * (len(common) - 1) / max(1, k - 1))] for i in range(k)]  # distinct: k <= len(common)
+    size = Image.open(runs[0] / rows[0]["file"]).size
+    cell = 96 if max(size) < 96 else 256
+    label, head, pad, chars = 200, 30, 4, cell // 6  # chars: what fits a cell's width in PIL's default font
+    grid = Image.new("RGB", (label + len(runs) * (cell + pad), head + len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(m["name"] for m in manifests):  # the model's name on two lines at most
+        draw.multiline_text((label + c * (cell + pad) + 2, 2), name[:chars] + "\n" + name[chars:2 * chars], "black")
+    for r, e in enumerate(rows):
+        y = head + r * (cell + pad)
+        words, text = (e["prompt"] + (f" ({e['group']})" if e["group"] else "")).split(), [""]
+        for w in words:
+            text[-1:] = [text[-1] + " " + w] if len(text[-1]) + len(w) < 30 else [text[-1], w]
+        draw.multiline_text((4, y + 4), "\n".join(t.strip() for t in text[:6]), fill="black")
+        for c, (run, f) in enumerate(zip(runs, firsts)):
+            img = Image.open(run / f[(e["prompt"], e["seed"])]["file"]).convert("RGB")
+            w, h = (max(1, round(d * cell / max(img.size))) for d in img.size)  # fit the cell, keep the aspect
+            img = img.resize((w, h), Image.NEAREST if max(img.size) < cell else Image.LANCZOS)
+            grid.paste(img, (label + c * (cell + pad) + (cell - w) // 2, y + (cell - h) // 2))
+    return atomic_write(path, grid.save)

@@ -26,3 +26,16 @@ def atomic_write(path, write):
 def write_text(path, text: str):
     """Atomically write a text file."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_png(img, path):
+    """(H, W, 3) uint8 array -> PNG, atomically (a file named *.png is always complete)."""
+    from PIL import Image
+    return atomic_write(path, Image.fromarray(img).save)
+
+
+def load_png(path):
+    """PNG -> (H, W, 3) uint8 array."""
+    import numpy as np
+    from PIL import Image
+    return np.array(Image.open(path).convert("RGB"))

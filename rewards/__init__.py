@@ -6,58 +6,125 @@
 
 Every reward is an object with a `name` and `score(images, prompts) -> (B,) float32` on images
 (B, 3, H, W) in [0, 1]. `load_rewards("hps+clip", hps_checkpoint=..., clip_model=...)` returns one
-object per name: the advantages are normalised per reward and then summed (Eq. 11). Names starting
-with 'toy' are the small world's rule-based rewards (toy/rewards.py), imported only when asked for.
+object per name: the advantages are normalised per reward and then summed (Eq. 11).
+
+REWARDS says, per name, the title of its table column, its display scale, the options it takes (an
+option is a command-line flag without '--'; RewardOptions holds those of the command line, with
+their help), which of them it needs and where its files come from; `needs` checks given options
+against it. Names starting with 'toy' are the small world's rule-based rewards (toy/rewards.py).
+ImageReward, UnifiedReward and the toy world are imported only when one of their rewards is loaded.
 """
 import importlib
 import os
-
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .clip import OPENAI_MEAN, OPENAI_STD, OpenClipReward, PickScore, load_clip, load_hps, load_pickscore, \
     preprocess, resize_longest_pad
 
-# name -> (loader, {keyword: loader argument}, required keywords, where the files come from)
-REWARDS = {
-    "hps": (load_hps, {"hps_checkpoint": "checkpoint", "hps_arch": "arch"}, ("hps_checkpoint",),
-            "HPS_v2.1_compressed.pt from the HPSv2 release (Hugging Face repo xswu/HPSv2)"),
-    "clip": (load_clip, {"clip_model": "model_path", "clip_arch": "arch"}, ("clip_model",),
-             "the DFN5B CLIP folder (Hugging Face repo apple/DFN5B-CLIP-ViT-H-14-378)"),
-    "pickscore": (load_pickscore, {"pickscore_model": "model_path", "pickscore_processor": "processor_path"},
-                  ("pickscore_model", "pickscore_processor"),
-                  "the PickScore_v1 folder (Hugging Face repo yuvalkirstain/PickScore_v1) and the "
-                  "CLIP-ViT-H-14 processor folder (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"),
+
+def _lazy(module: str, loader: str):
+    """module.loader (a module of this package), imported on the first call."""
+    return lambda **kw: getattr(importlib.import_module(module, __package__), loader)(**kw)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One reward of the registry."""
+    title: str  # column title in Tables 1 and 3
+    load: Callable  # load(**keywords, device=..., [dtype=...]) -> the reward object
+    options: dict  # option -> keyword of load
+    needs: tuple = ()  # alternatives: all options of one of them must be given (() = nothing needed)
+    files: tuple = ()  # options naming a file or folder: one given but absent is an error
+    origin: str = ""  # where the files come from
+    scale: float = 1.0  # tables show scores * scale
+
+
+REWARDS = {  # in the order of Table 1's columns
+    "hps": Spec("HPS-v2.1", load_hps, {"hps_checkpoint": "checkpoint", "hps_arch": "arch"},
+                (("hps_checkpoint",),), ("hps_checkpoint",),
+                "HPS_v2.1_compressed.pt from the HPSv2 release (Hugging Face repo xswu/HPSv2)"),
+    "clip": Spec("CLIP", load_clip, {"clip_model": "model_path", "clip_arch": "arch"}, (("clip_model",),),
+                 ("clip_model",), "the DFN5B CLIP folder (Hugging Face repo apple/DFN5B-CLIP-ViT-H-14-378)"),
+    "pickscore": Spec("PickScore", load_pickscore,
+                      {"pickscore_model": "model_path", "pickscore_processor": "processor_path"},
+                      (("pickscore_model", "pickscore_processor"),), ("pickscore_model", "pickscore_processor"),
+                      "the PickScore_v1 folder (Hugging Face repo yuvalkirstain/PickScore_v1) and the "
+                      "CLIP-ViT-H-14 processor folder (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+                      scale=0.01),  # Table 1 prints PickScore (logit_scale.exp() * cos) / 100
+    "imagereward": Spec("ImageReward", _lazy(".imagereward", "load"),
+                        {"imagereward_checkpoint": "checkpoint", "imagereward_tokenizer": "tokenizer",
+                         "imagereward_med_config": "med_config"},
+                        (("imagereward_checkpoint", "imagereward_tokenizer"),),
+                        ("imagereward_checkpoint", "imagereward_tokenizer", "imagereward_med_config"),
+                        "ImageReward.pt and med_config.json from the Hugging Face repo THUDM/ImageReward, and a "
+                        "bert-base-uncased tokenizer folder (google-bert/bert-base-uncased)"),
+    "unifiedreward": Spec("UnifiedReward", _lazy(".unifiedreward", "load"),
+                          {"unifiedreward_url": "url", "unifiedreward_model": "model", "unifiedreward_local": "local",
+                           "unifiedreward_workers": "workers", "unifiedreward_strict": "strict"},
+                          (("unifiedreward_url",), ("unifiedreward_local",)), ("unifiedreward_local",),
+                          "a server of CodeGoat24/UnifiedReward-qwen-7b with an OpenAI-compatible API (e.g. "
+                          "`vllm serve CodeGoat24/UnifiedReward-qwen-7b`) or a local folder holding that model"),
 }
+OPTIONS = {key for spec in REWARDS.values() for key in spec.options}
 
 
-def load_rewards(spec: str, device="cpu", dtype=torch.float32, **paths) -> list:
+@dataclass
+class RewardOptions:
+    """Files of the reward models; REWARDS says which reward needs which (training refuses a missing one,
+    evaluation skips that metric with one line saying why)."""
+    hps_checkpoint: str = ""  # HPS_v2.1_compressed.pt
+    clip_model: str = ""  # open_clip DFN5B-CLIP-ViT-H-14-378 folder (or file)
+    pickscore_model: str = ""  # PickScore_v1 folder
+    pickscore_processor: str = ""  # CLIP-ViT-H-14-laion2B-s32B-b79K processor folder
+    imagereward_checkpoint: str = ""  # ImageReward.pt
+    imagereward_tokenizer: str = ""  # bert-base-uncased tokenizer folder
+    imagereward_med_config: str = ""  # med_config.json (optional: head count, LayerNorm eps)
+    unifiedreward_url: str = ""  # OpenAI-compatible server base URL, e.g. http://127.0.0.1:8000/v1
+    unifiedreward_model: str = ""  # the served model name (empty: the server's only model)
+    unifiedreward_local: str = ""  # or a local UnifiedReward-qwen-* folder (transformers)
+    unifiedreward_workers: int = 8  # concurrent requests per rank (local: images per generate call)
+
+
+def lookup(name: str) -> Spec:
+    """The Spec of reward `name`; a 'toy-...' name imports the small world's rewards (ValueError if unknown)."""
+    if name.startswith("toy"):
+        toy = importlib.import_module("toy.rewards")
+        if name not in toy.TOY_REWARDS:
+            raise ValueError(f"unknown toy reward {name!r}; valid: {sorted(toy.TOY_REWARDS)}")
+        return Spec(name, lambda **_: toy.TOY_REWARDS[name](), {})
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; valid: {sorted(REWARDS)} or a 'toy-...' name (toy/rewards.py)")
+    return REWARDS[name]
+
+
+def needs(name: str, options: dict) -> str:
+    """'' when `options` hold what reward `name` needs, else what it needs ('--a and --b (origin)').
+    A file or folder that is given but does not exist raises FileNotFoundError."""
+    spec, flag = lookup(name), lambda key: "--" + key.replace("_", "-")
+    for key in spec.files:
+        if options.get(key) and not os.path.exists(options[key]):
+            raise FileNotFoundError(f"reward '{name}': {flag(key)} {options[key]}: no such file or folder; "
+                                    f"expected {spec.origin}")
+    if not spec.needs or any(all(options.get(key) for key in alt) for alt in spec.needs):
+        return ""
+    return " or ".join(" and ".join(map(flag, alt)) for alt in spec.needs) + f" ({spec.origin})"
+
+
+def load_rewards(spec: str, device="cpu", dtype=None, **options) -> list:
     """'hps+clip' -> [hps reward, clip reward]: one object per '+'-separated name, in order.
-    paths: hps_checkpoint, hps_arch, clip_model, clip_arch, pickscore_model, pickscore_processor
-    (None or '' = not given)."""
-    known = {k for _, kw, _, _ in REWARDS.values() for k in kw}
-    if set(paths) - known:
-        raise TypeError(f"unknown reward option(s) {sorted(set(paths) - known)}; valid: {sorted(known)}")
+    options: the keys of OPTIONS, e.g. hps_checkpoint, clip_model, pickscore_model, pickscore_processor
+    (None or '' = not given). dtype: None = each reward's own default (float32 for the CLIP family)."""
+    if set(options) - OPTIONS:
+        raise TypeError(f"unknown reward option(s) {sorted(set(options) - OPTIONS)}; valid: {sorted(OPTIONS)}")
     names = [n.strip() for n in spec.split("+")]
     if len(set(names)) != len(names):
         raise ValueError(f"reward spec {spec!r} names a reward twice")
     rewards = []
     for name in names:
-        if name.startswith("toy"):
-            toy = importlib.import_module("toy.rewards")  # lazy: the small CPU world's rule-based rewards
-            if name not in toy.TOY_REWARDS:
-                raise ValueError(f"unknown toy reward {name!r}; valid: {sorted(toy.TOY_REWARDS)}")
-            rewards.append(toy.TOY_REWARDS[name]())
-            continue
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; valid: {sorted(REWARDS)} "
-                             f"or a 'toy-...' name (toy/rewards.py)")
-        loader, keywords, required, origin = REWARDS[name]
-        for key in required:
-            path = paths.get(key)
-            if not path:
-                raise ValueError(f"reward '{name}' needs --{key.replace('_', '-')} ({key}=...): {origin}")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"reward '{name}': {key}={path!r} does not exist; expected {origin}")
-        kwargs = {arg: paths[key] for key, arg in keywords.items() if paths.get(key)}
-        rewards.append(loader(**kwargs, device=device, dtype=dtype))
+        entry = lookup(name)
+        if missing := needs(name, options):
+            raise ValueError(f"reward '{name}' needs {missing}")
+        kwargs = {arg: options[key] for key, arg in entry.options.items() if options.get(key) not in (None, "")}
+        rewards.append(entry.load(**kwargs, device=device, **({} if dtype is None else {"dtype": dtype})))
     return rewards

@@ -43,13 +43,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import REWARDS
 from .clip import OPENAI_MEAN, OPENAI_STD
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the released model's score normalisation
 MAX_LENGTH = 35  # prompt tokens, [CLS] and [SEP] included
 UNUSED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
-ORIGIN = ("ImageReward.pt and med_config.json from the Hugging Face repo THUDM/ImageReward, and a "
-          "bert-base-uncased tokenizer folder (google-bert/bert-base-uncased)")
+ORIGIN = REWARDS["imagereward"].origin  # where the files come from (the registry's text)
 
 
 def _attend(q, k, v, heads: int, mask=None):

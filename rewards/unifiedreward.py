@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import REWARDS
+
 POINT_PROMPT = (
     "You are given a text caption and a generated image based on that caption. Your task is to evaluate this "
     "image based on two key criteria:\n"
@@ -48,8 +50,7 @@ POINT_PROMPT = (
     "Your task is provided as follows:\n"
     "Text Caption: [{prompt}]")
 LOW, HIGH = 1.0, 5.0
-ORIGIN = ("--unifiedreward-url URL of an OpenAI-compatible server (e.g. `vllm serve CodeGoat24/UnifiedReward-qwen-7b`) "
-          "or --unifiedreward-local FOLDER holding that model")
+ORIGIN = REWARDS["unifiedreward"].origin  # where the model comes from (the registry's text)
 
 _NUM = r"(\d+(?:\.\d+)?)"
 _RANGE = r"(?:\(\s*1\s*-\s*5\s*\))?\s*"  # an optional "(1-5)"
@@ -224,10 +225,12 @@ class UnifiedReward:
 
 
 def load(url: str = None, model: str = None, local: str = None, device="cpu", strict: bool = True,
-         workers: int = 8, max_tokens: int = 512, timeout: float = 120.0, image_tag: bool = False) -> UnifiedReward:
-    """UnifiedReward through a server (url, served model name) or a local folder (local); exactly one of them."""
+         workers: int = 8, max_tokens: int = 512, timeout: float = 120.0, image_tag: bool = False,
+         dtype=None) -> UnifiedReward:
+    """UnifiedReward through a server (url, served model name) or a local folder (local); exactly one of them.
+    dtype: the local model's (None: bf16 on cuda, fp32 on cpu)."""
     if bool(url) == bool(local):
         raise ValueError(f"unifiedreward: give exactly one of url and local ({ORIGIN})")
     judge = HTTPJudge(url, model, timeout=timeout, max_tokens=max_tokens, workers=workers) if url else \
-        LocalJudge(local, device, max_new_tokens=max_tokens, batch_size=workers)
+        LocalJudge(local, device, dtype, max_new_tokens=max_tokens, batch_size=workers)
     return UnifiedReward(judge, strict, image_tag)

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image  # noqa: E402
 
 import evaluate  # noqa: E402
 import toy  # noqa: E402
+from report import tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = toy.ToyConfig(steps=3, batch=8, heads=2, double_blocks=1, single_blocks=1)
@@ -161,29 +163,50 @@ def test_files_given_but_missing_are_errors(world, tmp_path):
         evaluate.main(["--model", str(tmp_path), "--out", str(tmp_path)])
 
 
-# ---------------------------------------------------------------- statistics
-def test_t_quantiles_by_hand():
-    t = evaluate.t_quantile
-    assert t(0.975, 1) == pytest.approx(math.tan(0.95 * math.pi / 2), rel=1e-12)  # df 1: Cauchy, t = tan(p' pi/2)
-    assert t(0.975, 2) == pytest.approx(math.sqrt(2 * 0.95**2 / (1 - 0.95**2)), rel=1e-12)  # df 2: t/sqrt(2+t^2)
-    assert t(0.975, 4) == pytest.approx(2.776445105, abs=1e-8)  # printed t tables
-    assert t(0.975, 9) == pytest.approx(2.262157163, abs=1e-8)
-    assert t(0.975, 399) == pytest.approx(1.965927, abs=2e-6)
-    assert t(0.975, 1000) == pytest.approx(1.962339, abs=1e-6)
-    assert evaluate._t_expansion(0.975, 1000) == pytest.approx(t(0.975, 1000), abs=1e-10)  # used above df 1000
-    assert t(0.975, 10**7) == pytest.approx(1.959964, abs=1e-6)  # the normal quantile
+def test_flux_models_never_reach_the_toy_world(tmp_path):
+    """A FLUX folder (tiny, random, with a VAE): the paper's five metrics by default, each skipped with one line
+    when its files are not given; sampling, the manifest and the table run without importing the toy world."""
+    import tiny_flux
+    tiny_flux.save_tiny_flux(tmp_path / "flux")
+    (tmp_path / "p.txt").write_text("a red house\na blue sky\n")
+    argv = ["--model", str(tmp_path / "flux"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "eval"),
+            "--height", "16", "--width", "16", "--steps", "2", "--device", "cpu"]
+    code = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport evaluate\nevaluate.main({argv!r})\n"
+            "print('toy imported:', [m for m in sys.modules if m == 'toy' or m.startswith('toy.')])\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    skips = [l.split(":")[0] for l in r.stdout.splitlines() if l.startswith("skipping")]
+    assert skips == ["skipping HPS-v2.1", "skipping CLIP", "skipping PickScore", "skipping ImageReward",
+                     "skipping UnifiedReward"]
+    assert "metrics none" in r.stdout and "flux: 2 images sampled" in r.stdout and "toy imported: []" in r.stdout
+    assert len(pixels(tmp_path / "eval" / "flux")) == 2
+
+
+# ---------------------------------------------------------------- statistics (report/tables.py)
+def half_width(values, level=0.95):
+    return tables.mean_ci(values, level)["half_width"] * math.sqrt(len(values)) / statistics.stdev(values)
+
+
+def test_student_t_quantiles_by_hand():
+    """The interval's t_{(1+level)/2, n-1} against closed forms and printed tables."""
+    assert half_width([0.0, 2.0]) == pytest.approx(math.tan(0.95 * math.pi / 2), rel=1e-12)  # df 1: Cauchy
+    assert half_width([0.0, 2.0], 0.9) == pytest.approx(math.tan(0.9 * math.pi / 2), rel=1e-12)
+    assert half_width([0.0, 1.0, 3.0]) == pytest.approx(math.sqrt(2 * 0.95**2 / (1 - 0.95**2)), rel=1e-12)  # df 2
+    assert half_width([1.0, 2.0, 4.0, 8.0, 16.0]) == pytest.approx(2.776445105, abs=1e-8)  # df 4, printed tables
+    assert half_width(list(map(float, range(10)))) == pytest.approx(2.262157163, abs=1e-8)  # df 9
+    assert half_width([float(i % 7) for i in range(400)]) == pytest.approx(1.965927, abs=2e-6)  # df 399
 
 
 def test_interval_over_prompts_by_hand():
     """5 prompts x 2 images; prompt means 1..5: mean 3, s = sqrt(2.5), half-width t_{.975,4} sqrt(2.5 / 5)."""
     recs = [{"prompt_index": j, "m": j + 1 + d} for j in range(5) for d in (-0.5, 0.5)]
     recs.append({"prompt_index": 5, "m": None})  # an unscored image
-    s = evaluate.summarise(recs, ["m"])["m"]
+    s = tables.summarise(recs, ["m"])["m"]
     half = 2.776445105 * math.sqrt(2.5) / math.sqrt(5)  # = 1.963243
     assert s["mean"] == pytest.approx(3.0) and s["std"] == pytest.approx(math.sqrt(2.5))
     assert s["half_width"] == pytest.approx(half, abs=1e-8) and s["low"] == pytest.approx(3 - half)
     assert (s["prompts"], s["images"], s["missing"]) == (5, 10, 1)
-    one = evaluate.summarise([{"prompt_index": 0, "m": 2.0}], ["m"])["m"]
+    one = tables.summarise([{"prompt_index": 0, "m": 2.0}], ["m"])["m"]
     assert one["mean"] == 2.0 and one["half_width"] is None
 
 
@@ -200,7 +223,7 @@ def test_export_and_checkpoint_of_train_py(world, reference, tmp_path, capsys, m
     for k, v in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         monkeypatch.setenv(k, str(v))
     train.main(["--model", str(world / "tiny"), "--prompts", str(world / "prompts.txt"), "--out", str(out),
-                "--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1,2", "--sde-steps", "0,1",
+                "--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1", "2", "--sde-steps", "0", "1",
                 "--lr", "1e-2", "--clip-range", "0.05", "--mixed-precision", "fp32", "--device", "cpu",
                 "--num-samples", "2", "--iterations", "1", "--checkpoint-every", "1"])
     monkeypatch.undo()

@@ -261,3 +261,19 @@ def test_clear_errors_for_missing_parts(model_dir, tmp_path):
         flux.FluxPolicy.from_pretrained(broken)
     with pytest.raises(ValueError, match="multiples of 4"):
         load(model_dir, height=30)
+
+
+def test_fingerprint_value_is_pinned(tmp_path):
+    """FluxPolicy.fingerprint keys every existing prompt cache: its value for a fixed folder must never change
+    (small files whole, a 5 MiB one by three 1 MiB slices, other folders than the encoders' ignored).
+    fingerprint_files, which it uses, also identifies the weights in evaluate.py's manifest."""
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "text_encoder" / "sub").mkdir(parents=True)
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.txt").write_text("a b c\n")
+    (tmp_path / "text_encoder" / "config.json").write_text("{}")
+    (tmp_path / "text_encoder" / "sub" / "w.bin").write_bytes(bytes(i * 7 % 251 for i in range(5 << 20)))
+    (tmp_path / "transformer" / "x.bin").write_bytes(b"not an encoder")
+    policy = flux.FluxPolicy.__new__(flux.FluxPolicy)
+    policy.root, policy._fingerprint = tmp_path, None
+    assert policy.fingerprint() == "a355b7af6857f5696ece2f5570e03c93"

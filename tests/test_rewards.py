@@ -1,12 +1,15 @@
 """rewards.py: HPS's transform against an independent PIL reference, the three scores against
 hand computations on tiny random models loaded through the real path-based loaders, the
 text-feature cache and the registry. No weights are downloaded."""
+import dataclasses
 import importlib.util
 import json
 import math
 import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,6 +24,7 @@ from PIL import Image
 
 import rewards
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny-ViT-test"  # a registered open_clip architecture: ViT-H-14's layout, thousands of times smaller
 TINY_CFG = {
     "embed_dim": 16,
@@ -228,13 +232,13 @@ def test_registry_order_and_errors(hps_ckpt, clip_dir):
                               pickscore_model=None)
     assert [r.name for r in rs] == ["hps", "clip"]
     assert all(r.score(images(2, 24, 40), "a cat").shape == (2,) for r in rs)
-    with pytest.raises(ValueError, match=r"hps_checkpoint.*HPS_v2\.1_compressed\.pt.*HPSv2"):
+    with pytest.raises(ValueError, match=r"--hps-checkpoint.*HPS_v2\.1_compressed\.pt.*HPSv2"):
         rewards.load_rewards("clip+hps", clip_model=clip_dir)
-    with pytest.raises(ValueError, match=r"pickscore_processor.*PickScore_v1.*CLIP-ViT-H-14"):
+    with pytest.raises(ValueError, match=r"--pickscore-processor.*PickScore_v1.*CLIP-ViT-H-14"):
         rewards.load_rewards("pickscore", pickscore_model=clip_dir)
-    with pytest.raises(FileNotFoundError, match=r"clip_model.*nowhere.*DFN5B"):
+    with pytest.raises(FileNotFoundError, match=r"--clip-model /nowhere: no such file.*DFN5B"):
         rewards.load_rewards("clip", clip_model="/nowhere")
-    with pytest.raises(ValueError, match=r"'hpsv2'.*\['clip', 'hps', 'pickscore'\]"):
+    with pytest.raises(ValueError, match=r"'hpsv2'.*\['clip', 'hps', 'imagereward', 'pickscore', 'unifiedreward'\]"):
         rewards.load_rewards("hpsv2", hps_checkpoint=hps_ckpt)
     with pytest.raises(TypeError, match="hps_ckpt"):
         rewards.load_rewards("hps", hps_ckpt=hps_ckpt)
@@ -271,3 +275,36 @@ def test_matches_hpsv2_package(tiny_clip, hps_ckpt, tmp_path):
     assert torch.equal(hoc.get_tokenizer(TINY)(PROMPTS), open_clip.get_tokenizer(TINY)(PROMPTS))
     ours = rewards.load_hps(hps_ckpt, arch=TINY).score(x, PROMPTS)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_one_registry_for_training_and_evaluation():
+    """Table 1's metrics in order with their titles and display scale; what each needs (UnifiedReward: a URL OR a
+    local folder); a given file that is absent is an error even when optional; a toy name resolves on demand."""
+    assert list(rewards.REWARDS) == ["hps", "clip", "pickscore", "imagereward", "unifiedreward"]
+    assert [s.title for s in rewards.REWARDS.values()] == ["HPS-v2.1", "CLIP", "PickScore", "ImageReward",
+                                                          "UnifiedReward"]
+    assert [s.scale for s in rewards.REWARDS.values()] == [1.0, 1.0, 0.01, 1.0, 1.0]  # PickScore / 100
+    assert {f.name for f in dataclasses.fields(rewards.RewardOptions)} <= rewards.OPTIONS  # the flags are options
+    assert rewards.needs("hps", {}) == f"--hps-checkpoint ({rewards.REWARDS['hps'].origin})"
+    assert rewards.needs("unifiedreward", {}).startswith("--unifiedreward-url or --unifiedreward-local (a server")
+    assert rewards.needs("unifiedreward", {"unifiedreward_url": "http://127.0.0.1:1/v1"}) == ""
+    assert rewards.needs("imagereward", {"imagereward_checkpoint": __file__}).startswith(
+        "--imagereward-checkpoint and --imagereward-tokenizer (ImageReward.pt")
+    with pytest.raises(FileNotFoundError, match="--unifiedreward-local /nowhere: no such file or folder"):
+        rewards.needs("unifiedreward", {"unifiedreward_local": "/nowhere"})
+    with pytest.raises(FileNotFoundError, match="--imagereward-med-config"):
+        rewards.needs("imagereward", {"imagereward_checkpoint": __file__, "imagereward_tokenizer": __file__,
+                                      "imagereward_med_config": "/nowhere"})
+    with pytest.raises(ValueError, match="unknown toy reward 'toy-nope'"):
+        rewards.load_rewards("toy-nope")
+    [toy_clean] = rewards.load_rewards("toy-clean", device="cpu")
+    assert rewards.needs("toy-clean", {}) == "" and rewards.lookup("toy-clean").title == "toy-clean"
+    assert toy_clean.name == "toy-clean"
+    assert toy_clean.score(images(2, 16, 16), "a red circle on the right").shape == (2,)
+
+
+def test_importing_rewards_imports_no_optional_model_nor_the_toy_world():
+    lazy = ("toy", "toy.rewards", "rewards.imagereward", "rewards.unifiedreward")
+    code = f"import sys, rewards; rewards.lookup('hps'); print([m for m in {lazy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -115,7 +115,9 @@ def test_resume_equals_straight_run(tiny_model, tmp_path):
     (["--eta", "-0.1"], "--eta"), (["--model", "/no/such/flux", "--prompts", __file__], "no such file"),
     (["--model", __file__], "--prompts FILE is required"),
     (["--algo", "dancegrpo", "--Lambda", "1", "2"], "drop --Lambda"),
-    (["--algo", "g2rpo-no-mgai", "--Lambda", "1", "2"], "g2rpo-no-mgai")])
+    (["--algo", "g2rpo-no-mgai", "--Lambda", "1", "2"], "g2rpo-no-mgai"),
+    (["--reward", "foo"], "unknown reward 'foo'"), (["--reward", "toy-adherence+"], "distinct reward names"),
+    (["--reward", "hps"], "needs --hps-checkpoint"), (["--reward", "clip", "--clip-model", "/no/clip"], "/no/clip")])
 def test_bad_arguments_stop_with_a_clear_message(argv, msg):
     with pytest.raises(SystemExit) as e:
         train.check_args(train.parse_args(argv))
