@@ -23,9 +23,9 @@ Grid convention (Eq. 10): after the SDE step lands on grid index j = k + 1, the 
 j, j + lam, j + 2 lam, ... (Eq. 10's S = {1, 1 + lam, ...} counted from the SDE step) and each goes
 to the next such point, or to t = 0 if that comes first. The last step may therefore be shorter,
 and it equals the x0-prediction x - t v at the last strided point (the reference code's ending).
-Number of ODE steps: ceil((T - k - 1) / lam); lam = 1 is the full grid. `fine_first=True` selects
-the reference code's variant (one fine step to j + 1, then every lam-th point), in which the first
-two velocities of a branch are shared by all granularities.
+Number of ODE steps: ceil((T - k - 1) / lam); lam = 1 is the full grid. `fine_first=True` gives
+the reference code's grid exactly (one fine step to j + 1, then every lam-th point, a last strided
+point short of t = 0 dropped for the x0-prediction before it): 1 + floor((T - k - 2) / lam) steps.
 
 Training needs two more steps, both here so that this file holds the whole algorithm:
   stack_images  the rollout's clean latents in the (|Lambda|, |M|, G, ...) layout of Eqs. 8 and 11;
@@ -34,7 +34,6 @@ Training needs two more steps, both here so that this file holds the whole algor
 
 v(x, t) is any velocity function: x (B, ...), t (B,) -> (B, ...). Conditioning is closed over.
 """
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -46,15 +45,23 @@ except ImportError:  # flat files on sys.path (this repository)
 
 
 def strided_grid(T: int, k: int, lam: int, fine_first: bool = False) -> list:
-    """Grid indices visited after the SDE step k -> k + 1: strictly increasing, from k + 1 to T."""
+    """Grid indices visited after the SDE step k -> k + 1: strictly increasing, from k + 1 to T.
+
+    fine_first=False (ours): k + 1, k + 1 + lam, ... while < T, then T.
+    fine_first=True (the reference code's list cat(sigmas[:k+2], sigmas[k+2::lam])): k + 1, then
+        k + 2, k + 2 + lam, ... <= T; the loop stops at the list's second-to-last point and takes
+        the x0-prediction there (= one Euler step to t = 0), so the last point is replaced by T:
+        when it is T nothing changes, when it is < T it is never visited.
+    """
     if not 0 <= k < T:
         raise ValueError(f"SDE step k={k} must be a grid index in [0, {T - 1}] for T={T}")
     if lam < 1:
         raise ValueError(f"granularity lambda must be an integer >= 1, got {lam}")
     j = k + 1
-    start = j + 1 if fine_first else j
-    pts = ([j] if fine_first else []) + list(range(start, T, lam)) + [T]
-    return sorted(set(pts))
+    if not fine_first:
+        return list(range(j, T, lam)) + [T]
+    ref = [j] + list(range(j + 1, T + 1, lam))
+    return ref[:-1] + [T] if len(ref) > 1 else [T]
 
 
 def default_sde_steps(T: int) -> list:
@@ -93,7 +100,7 @@ def singular_rollout(v, x_T, sigmas, M, G, Lambda=(1, 2, 3), eta=0.7, schedule="
 
     def call(x, t):  # every model evaluation goes through here and is counted
         out.calls, out.evals = out.calls + 1, out.evals + x.shape[0]
-        return v(x, t.to(x.device, x.dtype))
+        return v(x, t.to(x.device, torch.promote_types(x.dtype, torch.float32)))
 
     # 1. anchor trajectory (Eq. 1)
     xs, vs = [x_T], []
@@ -122,7 +129,8 @@ def ode_path(v, x, sigmas, path) -> torch.Tensor:
     """Eq. 10 for one granularity, as written: x (B, ...) at grid index path[0], one ODE step (Eq. 1)
     to each next index of `path`; returns the state at path[-1] (the image when path[-1] = T)."""
     for i, j in zip(path[:-1], path[1:]):
-        x = ode_step(x, v(x, sigmas[i].repeat(x.shape[0]).to(x.device, x.dtype)), sigmas[i], sigmas[j])
+        t = sigmas[i].repeat(x.shape[0]).to(x.device, torch.promote_types(x.dtype, torch.float32))
+        x = ode_step(x, v(x, t), sigmas[i], sigmas[j])
     return x
 
 
@@ -166,20 +174,16 @@ def rescore(v, group: Group, sigmas, eta: float, schedule: str = "flowgrpo") -> 
 
 
 def predicted_evaluations(T, M, G, Lambda, fine_first=False):
-    """(batched calls, per-sample evaluations) that singular_rollout makes, in closed form."""
+    """(batched calls, per-sample evaluations) that singular_rollout makes, counted from the grids
+    without a model: T for the anchor (batch 1), then per k in M one batched call per depth of the
+    deepest grid, and G evaluations per distinct grid prefix (a node) that is not an image.
+    fine_first=False has the closed form sum over lam of ceil((T - k - 1) / lam) steps per branch,
+    the first shared by all granularities (tests/test_rollout.py checks both)."""
     calls, evals = T, T  # anchor, batch 1
     for k in M:
-        n = T - k - 1  # fine ODE steps left after the SDE step
-        if n == 0:
-            continue
-        if fine_first:
-            steps = {lam: 1 + math.ceil((n - 1) / lam) for lam in Lambda}
-            shared = min(2, n)  # velocities at x_{k+1} and x_{k+2}
-        else:
-            steps = {lam: math.ceil(n / lam) for lam in Lambda}
-            shared = 1  # velocity at x_{k+1}
-        calls += max(steps.values())
-        evals += G * (shared + sum(s - shared for s in steps.values()))
+        paths = [strided_grid(T, k, lam, fine_first) for lam in Lambda]
+        calls += max(len(p) for p in paths) - 1
+        evals += G * len({tuple(p[: d + 1]) for p in paths for d in range(len(p) - 1)})
     return calls, evals
 
 

@@ -38,8 +38,11 @@ def sigma_grid(T: int, shift: float = 3.0) -> torch.Tensor:
 
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, t, t_next) -> torch.Tensor:
-    """Eq. 1: one Euler step x + v * (t_next - t). t, t_next: floats or (B,) tensors."""
-    return x + v * _bcast(_as_tensor(t_next, x) - _as_tensor(t, x), x)
+    """Eq. 1: one Euler step x + v * (t_next - t). t, t_next: floats or (B,) tensors. dt is formed in
+    fp64 and the step done in fp32 (or x's dtype if wider), as sde_step."""
+    dtype = _compute_dtype(x)
+    dt = torch.as_tensor(t_next, dtype=torch.float64) - torch.as_tensor(t, dtype=torch.float64)
+    return x.to(dtype) + v.to(dtype) * _bcast(dt.to(x.device, dtype), x)
 
 
 def x0_prediction(x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
@@ -48,18 +51,19 @@ def x0_prediction(x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
 
 
 def noise_level(t, t_next, eta: float, schedule: str = "flowgrpo") -> torch.Tensor:
-    """sigma_t of Eq. 2.
+    """sigma_t of Eq. 2, in fp64.
 
-    'flowgrpo' (G2RPO, Flow-GRPO): eta * sqrt(t / (1 - t)). It is infinite at t = 1; there we
-        evaluate it at t_next instead (on the sampling grid that is sigma_1, the same substitution
-        as the reference code).
+    'flowgrpo' (G2RPO, Flow-GRPO): eta * sqrt(t / (1 - t)). It is infinite at t = 1, where the paper
+        says nothing; like the reference code (Flow-GRPO's sde_step_with_logprob, the G2RPO
+        authors' script) we then read the DENOMINATOR at t_next and keep t = 1 in the numerator:
+        eta * sqrt(1 / (1 - t_next)) (= 0.7 sqrt(46) at T = 16, shift 3). Substituting t_next in
+        both places would give a std smaller by sqrt(t_next) (1.1 % at T = 16).
     'constant' (DanceGRPO): eta.
     """
     t = torch.as_tensor(t, dtype=torch.float64)
     t_next = torch.as_tensor(t_next, dtype=torch.float64)
     if schedule == "flowgrpo":
-        t_eff = torch.where(t >= 1, t_next, t)
-        return eta * torch.sqrt(t_eff / (1 - t_eff))
+        return eta * torch.sqrt(t / (1 - torch.where(t >= 1, t_next, t)))
     if schedule == "constant":
         return torch.full_like(t, float(eta))
     raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {SCHEDULES}")
@@ -72,15 +76,23 @@ def sde_step(x, v, t, t_next, eta: float, schedule: str = "flowgrpo", x_next=Non
     `x` may have batch 1 and `v` too while `x_next` (or the noise) has batch G: the G branches of
     Singular Stochastic Sampling share one mean. Returns (x_next, log_prob, mean, std).
     With eta = 0 the step is exactly the ODE step (std = 0; log_prob is then None).
+    Precision: the times and coefficients are computed in fp64 and the step in fp32 (or x's dtype
+    if wider), whatever the input dtype: bf16 latents would put dt ~10 % off at T = 16. The
+    returned tensors are in that compute dtype.
     """
-    t_, tn_ = _as_tensor(t, x), _as_tensor(t_next, x)
-    dt = _bcast(tn_ - t_, x)
-    sig = _bcast(noise_level(t, t_next, eta, schedule).to(x.device, x.dtype), x)  # sigma_t
-    tb = _bcast(t_, x)
-    mean = x + (v + sig**2 / (2 * tb) * (x + (1 - tb) * v)) * dt
-    std = sig * torch.sqrt(dt.abs())
+    dtype = _compute_dtype(x)
+    x, v = x.to(dtype), v.to(dtype)
+    t64, tn64 = (torch.as_tensor(a, dtype=torch.float64).to(x.device) for a in (t, t_next))
+    sig = noise_level(t64, tn64, eta, schedule)  # sigma_t, fp64
+    dt, a = _bcast(tn64 - t64, x), _bcast(sig**2 / (2 * t64), x)  # fp64 coefficients
+    one_minus_t = _bcast(1 - t64, x)
+    mean = x + (v + a.to(dtype) * (x + one_minus_t.to(dtype) * v)) * dt.to(dtype)
+    std = (_bcast(sig, x) * torch.sqrt(dt.abs())).to(dtype)
+    if eta > 0 and not bool((std > 0).all()):
+        raise ValueError(f"SDE step from t={t64.tolist()} to t_next={tn64.tolist()} has zero noise (a step of "
+                         f"zero length, or a schedule that vanishes there): its log-probability is undefined")
     if x_next is None:
-        eps = torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = torch.randn(mean.shape, generator=generator, device=x.device, dtype=dtype)
         x_next = mean + std * eps
     if eta == 0:
         return x_next, None, mean, std
@@ -100,7 +112,12 @@ def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
 
 
 def _as_tensor(t, x):
-    return torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return torch.as_tensor(t, dtype=_compute_dtype(x), device=x.device)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32, or x's dtype if it is wider (fp64): a step never runs in bf16 / fp16."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ class Args:
     shift: float = 3.0  # scheduler shift of the sigma grid
     Lambda: tuple[int, ...] = (1, 2, 3)  # granularities, e.g. --Lambda 1 2 3
     sde_steps: tuple[int, ...] = ()  # SDE steps M as grid indices (G2RPO); empty: the first half
-    fine_first: bool = False  # Eq. 10 variant of the reference code (one fine step, then strided)
+    fine_first: bool = False  # Eq. 10 grid of the reference code exactly (one fine step, then strided)
     train_fraction: float = 0.6  # dancegrpo: share of its SDE steps trained per iteration (random subset)
     window: int = 4  # mixgrpo: SDE (and trained) steps in the sliding window
     window_shift_every: int = 25  # mixgrpo: iterations before the window moves one step later
@@ -66,7 +66,7 @@ class Args:
     max_grad_norm: float = 1.0  # gradient clipping
     clip_range: float = 1e-4  # PPO clip epsilon
     adv_clip: float = 5.0  # advantage clip max
-    step_per_k: bool = False  # optimizer step after every k instead of once per iteration
+    step_per_k: bool = False  # optimizer step after every k (the reference code) instead of once per iteration
     seed: int = 42  # model/noise seed
     sampler_seed: int = 1223627  # prompt sampler seed
     mixed_precision: Literal["bf16", "fp32"] = "bf16"  # bf16 (fp32 master weights, bf16 compute) or fp32

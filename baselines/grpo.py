@@ -54,7 +54,7 @@ def trajectory_rollout(v, x_T, sigmas, G, sde_steps, eta=0.7, schedule="flowgrpo
     x = x_T.expand((G + 1,) + x_T.shape[1:])  # (G + 1, ...) row 0: anchor
     xs = [x_T]
     for i in range(T):
-        vel = v(x, sigmas[i].repeat(G + 1).to(x.device, x.dtype))
+        vel = v(x, sigmas[i].repeat(G + 1).to(x.device, torch.promote_types(x.dtype, torch.float32)))
         x_anchor = ode_step(x[:1], vel[:1], sigmas[i], sigmas[i + 1])
         if i in sde_steps:
             x_next, logp, _, _ = sde_step(x[1:], vel[1:], sigmas[i], sigmas[i + 1], eta, schedule,

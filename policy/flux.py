@@ -8,7 +8,8 @@ sde.ode_step on our grid reproduces the pipeline's own images (tests/test_flux.p
     x               x_t, packed latents (B, L, C): 2x2 patches of the (c, h, w) latent as tokens,
                     L = (h/2)(w/2), C = 4c (c = 16 with the VAE -> C = 64; 720 px: L = 2025)
     t               (B,) sigmas in [0, 1], t = 1 noise; samples of one batch may differ. The
-                    transformer gets timestep = t (it multiplies by 1000 inside)
+                    transformer gets timestep = t (it multiplies by 1000 inside); the reference
+                    code feeds int(t * 1000) / 1000, which we do not
     cond            c: T5 sequence embeddings (1, S, 4096), S = max_sequence_length (512), and the
                     CLIP pooled embedding (1, 768), as FluxPipeline.encode_prompt computes them
     guidance        the distilled guidance scale (3.5) fed as an embedding; there is no CFG

@@ -86,12 +86,13 @@ def test_strided_grid_properties(T, data, lam, fine_first):
     assert all(b > a for a, b in zip(g, g[1:]))  # strictly decreasing sigmas
     assert g[0] == k + 1 and g[-1] == T  # right after the SDE step, ends at t = 0
     n = T - k - 1
-    steps = (1 + math.ceil((n - 1) / lam) if n else 0) if fine_first else math.ceil(n / lam)
+    steps = (1 + (n - 1) // lam if n else 0) if fine_first else math.ceil(n / lam)
     assert len(g) == steps + 1
-    # every step but the last has stride lam (after the one fine step of the fine_first variant)
+    # every step but the last has stride lam (after the one fine step of the fine_first variant);
+    # the last is shorter (ours) or up to 2 lam - 1 long (the reference's x0-prediction)
     gaps = [b - a for a, b in zip(g, g[1:])]
     body = gaps[1:-1] if fine_first else gaps[:-1]
-    assert all(d == lam for d in body) and all(d <= lam for d in gaps)
+    assert all(d == lam for d in body) and all(d <= (2 * lam - 1 if fine_first else lam) for d in gaps)
     if lam == 1:
         assert g == list(range(k + 1, T + 1))
 
@@ -99,7 +100,7 @@ def test_strided_grid_properties(T, data, lam, fine_first):
 def test_strided_grid_example_and_final_x0_prediction():
     assert rollout.strided_grid(16, 0, 3) == [1, 4, 7, 10, 13, 16]
     assert rollout.strided_grid(16, 1, 3) == [2, 5, 8, 11, 14, 16]  # last step 14 -> 16 is x0-pred
-    assert rollout.strided_grid(16, 1, 3, fine_first=True) == [2, 3, 6, 9, 12, 15, 16]
+    assert rollout.strided_grid(16, 1, 3, fine_first=True) == [2, 3, 6, 9, 12, 16]  # 15 is never visited
     # the image of a granularity whose grid misses t = 0 is x - t v at its last strided point
     out, v = run(T=8, M=(1,), G=2, Lambda=(3,), eta=0.0)
     s = out.sigmas
@@ -109,12 +110,42 @@ def test_strided_grid_example_and_final_x0_prediction():
     assert torch.allclose(out.groups[0].images[3], x, atol=1e-6)
 
 
+def reference_grid(T, k, lam):
+    """The reference code's loop, restated: the list cat(sigmas[:k+2], sigmas[k+2::lam]) as grid indices;
+    the ODE loop visits its indices k+1 .. len-2 and the image is the x0-prediction (a step to t = 0)
+    at the last one visited."""
+    lst = list(range(k + 2)) + list(range(k + 2, T + 1, lam))
+    visited = [lst[i] for i in range(k + 1, len(lst) - 1)]
+    return visited + [T]
+
+
+def test_fine_first_is_the_reference_grid_for_every_k_and_lambda():
+    T = 16
+    previous = lambda k, lam: sorted({k + 1} | set(range(k + 2, T, lam)) | {T})  # this variant until 2026-11
+    differ = 0
+    for lam in (1, 2, 3, 4):
+        for k in range(T - 1):  # k = T - 1: the SDE step lands on t = 0, no ODE step (the reference has none)
+            assert rollout.strided_grid(T, k, lam, fine_first=True) == reference_grid(T, k, lam), (k, lam)
+            differ += previous(k, lam) != reference_grid(T, k, lam)
+        assert rollout.strided_grid(T, T - 1, lam, fine_first=True) == [T]
+    assert differ == sum((T - k - 2) % lam != 0 for lam in (1, 2, 3, 4) for k in range(T - 1)) == 28
+    # ODE steps per branch summed over M = {0..7}: the reference's 48 (lambda 2) and 33 (lambda 3)
+    per_branch = lambda lam, ff: sum(len(rollout.strided_grid(T, k, lam, ff)) - 1 for k in range(8))
+    assert (per_branch(2, True), per_branch(3, True)) == (48, 33)
+    previous_steps = lambda lam: sum(len(previous(k, lam)) - 1 for k in range(8))
+    assert (previous_steps(2), previous_steps(3)) == (52, 39)
+
+
 def test_paper_cost_formula_and_our_counts():
     total, overhead = rollout.paper_cost(range(9, 17), (1, 2, 3))
     assert total == 179 and round(100 * overhead, 1) == 44.1  # the paper prints 184 / 45.7 %
     # paper setting: T = 16, M = first 8 grid steps, G = 12
     assert rollout.predicted_evaluations(16, range(8), 12, (1, 2)) == (108, 1600)
     assert rollout.predicted_evaluations(16, range(8), 12, (1, 2, 3)) == (108, 1900)
+    # the default grid's closed form: sum over lam of ceil((T - k - 1) / lam), the first step shared
+    for T, M, G, Lambda in ((16, range(8), 12, (1, 2, 3)), (8, (0, 3, 7), 5, (2, 3)), (5, (4,), 3, (1,))):
+        evals = T + G * sum(1 + sum(math.ceil((T - k - 1) / lam) - 1 for lam in Lambda) for k in M if T - k - 1)
+        assert rollout.predicted_evaluations(T, M, G, Lambda)[1] == evals
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(G=1), "G"), (dict(Lambda=()), "Lambda"),

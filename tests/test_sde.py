@@ -56,9 +56,13 @@ def test_sde_std_per_schedule_and_t1_substitution():
     _, _, _, std = sde.sde_step(x, v, s[3], s[4], 0.7, "flowgrpo")
     want = 0.7 * math.sqrt(s[3] / (1 - s[3])) * math.sqrt(s[3] - s[4])
     assert math.isclose(std.item(), want, rel_tol=1e-6)
+    # t = 1 (the first step): the reference keeps t = 1 in the numerator and reads the denominator at
+    # sigma_1. T = 16, shift 3: sigma_1 = 3 (15/16) / (1 + 2 (15/16)) = 45/46, so sigma_t = 0.7 sqrt(46)
+    # and, with dt = 1/46, std = 0.7 exactly
+    assert math.isclose(s[1].item(), 45 / 46, rel_tol=1e-15)
+    assert math.isclose(sde.noise_level(s[0], s[1], 0.7).item(), 0.7 * math.sqrt(46), rel_tol=1e-12)
     _, _, _, std0 = sde.sde_step(x, v, s[0], s[1], 0.7, "flowgrpo")
-    want0 = 0.7 * math.sqrt(s[1] / (1 - s[1])) * math.sqrt(s[0] - s[1])
-    assert torch.isfinite(std0).all() and math.isclose(std0.item(), want0, rel_tol=1e-6)
+    assert math.isclose(std0.item(), 0.7, rel_tol=1e-6)
 
 
 def test_sde_step_broadcasts_one_mean_over_the_group():
@@ -144,3 +148,29 @@ def test_marginal_check_catches_a_wrong_drift(schedule):
     mu, s = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64), torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
     err_mean, err_var = marginal_errors(mu, s, 0.7, schedule, step=wrong_sign_sde_step)
     assert err_mean > MEAN_TOL or err_var > VAR_TOL, (err_mean, err_var)
+
+
+def test_bf16_inputs_are_stepped_in_fp32():
+    """bf16 latents: the step runs in fp32 with fp64 times (dt in bf16 would be ~10 % off at T = 16):
+    the same numbers as the fp64 step of the same (bf16-valued) inputs, to fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 64, generator=g).bfloat16(), torch.randn(3, 64, generator=g).bfloat16()
+    s = sde.sigma_grid(16)
+    for i in (0, 7, 14):
+        xn, lp, mean, std = sde.sde_step(x, v, s[i], s[i + 1], 0.7, generator=torch.Generator().manual_seed(1))
+        _, lp64, mean64, std64 = sde.sde_step(x.double(), v.double(), s[i], s[i + 1], 0.7, x_next=xn.double())
+        assert xn.dtype == mean.dtype == torch.float32 and lp.dtype == torch.float32
+        assert torch.allclose(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(std.double(), std64, rtol=1e-6) and torch.allclose(lp, lp64, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(sde.ode_step(x, v, s[i], s[i + 1]).double(), sde.ode_step(x.double(), v.double(), s[i],
+                              s[i + 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_zero_noise_step_is_refused_never_nan():
+    x = v = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="zero noise"):
+        sde.sde_step(x, v, 0.5, 0.5, 0.7)  # a step of zero length
+    # T = 1: one step from t = 1 straight to t = 0 has a finite std (eta sqrt(1 / (1 - 0)) sqrt(1) = eta)
+    s = sde.sigma_grid(1)
+    xn, lp, _, std = sde.sde_step(torch.randn(2, 3), torch.randn(2, 3), s[0], s[1], 0.7)
+    assert torch.isfinite(lp).all() and torch.allclose(std, torch.tensor(0.7))
