@@ -1,9 +1,9 @@
 # make test   — create/reuse the virtualenv, install requirements, run the test suite
 # make venv   — only build the virtualenv
-# The virtualenv lives OUTSIDE the clone, keyed by a hash of requirements.txt, so a fresh
+# The virtualenv lives OUTSIDE the clone, keyed by a hash of the requirements files, so a fresh
 # clone (or CI) reuses it and a change of requirements builds a new one.
 PYTHON   ?= python3
-REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-12)
+REQ_HASH := $(shell cat requirements.txt requirements-nodeps.txt | sha256sum | cut -c1-12)
 VENV     ?= $(HOME)/.cache/g2rpo/venv-$(REQ_HASH)
 PY       := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -19,6 +19,7 @@ $(VENV)/.installed:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
@@ -30,13 +31,19 @@ test: venv
 clean-venv:
 	rm -rf $(VENV)
 
+# The virtualenv's folder (build it first with make venv), e.g.  . $$(make -s venv-path)/bin/activate
+.PHONY: venv-path
+venv-path:
+	@echo $(VENV)
+
 # The small CPU world end to end: base model (pretrained on first use, ~5 min) and its rewards,
-# G2RPO on 2 processes, then the trained model's rewards and samples.
+# G2RPO on 2 processes, then the trained model's rewards and samples. Run again, it starts over
+# (--overwrite replaces the previous demo run in $(DEMO_OUT)).
 DEMO_OUT ?= runs/demo
 .PHONY: demo
 demo: venv
 	$(PY) -m toy --T 8 --n 16 --grid $(DEMO_OUT)/base_samples.png
-	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 train.py --out $(DEMO_OUT)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 train.py --out $(DEMO_OUT) --overwrite
 	$(PY) -m toy --dir $(DEMO_OUT)/final --T 8 --n 16 --grid $(DEMO_OUT)/final_samples.png
 
 # Evaluate (Table 1 layout) the toy base model into runs/eval; EVAL_ARGS adds flags, e.g.

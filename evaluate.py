@@ -11,8 +11,9 @@ A model is a diffusers FLUX folder, a train.py checkpoint (read over its base mo
 prompt j is the ODE sample (policy.flux.sample) from seed --seed + j + 1_000_000 k; the images, in (j, k) order,
 are cut into fixed batches of --batch-size and batch b runs on rank b mod world, so an image has the same numbers
 on 1 or N processes. The metrics of the reward registry (rewards/__init__.py) whose files are given score the
-PNGs as stored (uint8); a skipped metric gets one line saying what it needs. <out>/<name>/ holds a model's
-images, scores and results (report/runs.py; rerunning the command resumes); the tables: report/tables.py.
+PNGs as stored (uint8); a skipped metric gets one line saying what it needs. A non-finite sample (a diverged
+model) stops the evaluation before any PNG of its batch is written. <out>/<name>/ holds a model's images, scores
+and results (report/runs.py; rerunning the command resumes); the tables: report/tables.py.
 """
 import gc
 import hashlib
@@ -241,6 +242,10 @@ def sample_and_score(ref: ModelRef, ctx: Context, run: Path, done: dict):
                     policy.encode_prompts(todo_prompts, batch_size=1)  # alone: the same numbers on any world size
                 x = sample(policy, [it.prompt for it in batch], [it.seed for it in batch], a.steps, a.shift,
                            batch_size=len(batch))  # (b, 3, H, W) in [0, 1], the whole batch
+                bad = [it for it, ok in zip(batch, x.flatten(1).isfinite().all(1).tolist()) if not ok]
+                if bad:  # a diverged model: stop before any PNG of this batch exists (uint8 would hide the NaN)
+                    raise SystemExit(f"evaluate.py: {ref.name} sampled a non-finite image (prompt "
+                                     f"{bad[0].prompt_index}, seed {bad[0].seed}): a diverged model is not scored")
                 u8 = (x.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
                 for it, img in zip(batch, u8):
                     if it.index in missing:

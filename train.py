@@ -11,6 +11,7 @@ then main(), whose loop carries Algorithm 1's line numbers. The equations live i
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -27,8 +28,10 @@ from tqdm import tqdm
 
 from advantage import mixed_advantage
 from baselines.grpo import ALGOS as BASELINES, PRESETS as BASELINE_PRESETS, TrajectoryGRPO
+from data.prompts import PromptSampler, future_prompts, prompt_file_errors, read_prompts
 from loss import g2rpo_loss
-from rewards import RewardOptions, load_rewards, needs
+from report import trainrun
+from rewards import RewardOptions, load_rewards, reward_spec_errors
 from rollout import default_sde_steps, predicted_evaluations, rescore, singular_rollout, stack_images
 from sde import SCHEDULES, sigma_grid
 
@@ -74,7 +77,10 @@ class Args:
     height: int = 0  # image height (0: the model folder's default, 720 for FLUX in the paper)
     width: int = 0  # image width (0: the model folder's default)
     checkpoint_every: int = 50  # iterations between sharded checkpoints (0: never)
-    resume: bool = False  # continue from the latest complete checkpoint in --out
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (older ones are deleted)
+    resume: bool = False  # continue from the latest complete checkpoint in --out (same settings)
+    overwrite: bool = False  # clear a previous run in --out first (its prompt cache is kept)
+    max_skipped: int = 5  # stop (exit 1) after this many iterations in a row without an update
     export: bool = True  # export the transformer in diffusers format at the end
     num_samples: int = 8  # images in the fixed-prompt sample grid
     device: str = ""  # cuda or cpu (empty: cuda if available)
@@ -103,42 +109,46 @@ def sde_steps(a: Args) -> list:
 
 
 def check_args(a: Args):
-    """Stop with one clear line per problem before any work."""
+    """Stop with one clear line per problem before any work (the flags of the chosen --algo only)."""
     errors = []
-    if a.G < 2:
-        errors.append(f"--G {a.G}: the group needs at least 2 members to normalise advantages")
-    if a.T < 2:
-        errors.append(f"--T {a.T}: need at least 2 sampling steps")
-    if not a.Lambda or min(a.Lambda) < 1 or len(set(a.Lambda)) != len(a.Lambda):
-        errors.append(f"--Lambda {' '.join(map(str, a.Lambda))}: give distinct integers >= 1, e.g. --Lambda 1 2 3")
-    if any(not 0 <= k < a.T for k in sde_steps(a)):
-        errors.append(f"--sde-steps {' '.join(map(str, a.sde_steps))}: grid indices must lie in [0, {a.T - 1}] for T={a.T}")
-    if a.algo == "g2rpo-no-mgai" and a.Lambda != (1,):
-        errors.append(f"--algo g2rpo-no-mgai is G2RPO with Lambda = {{1}}; drop --Lambda")
-    if a.algo in BASELINES and (a.Lambda != (1,) or a.sde_steps):
-        errors.append(f"--algo {a.algo} scores one image per trajectory and plans its own SDE steps: "
-                      "drop --Lambda and --sde-steps")
-    if not 0 < a.train_fraction <= 1 or not 1 <= a.window <= a.T or a.window_shift_every < 1:
-        errors.append("--train-fraction must be in (0, 1], --window in [1, T], --window-shift-every >= 1")
-    if a.eta < 0:
-        errors.append(f"--eta {a.eta}: the noise level must be >= 0")
-    for name, val in (("iterations", a.iterations), ("prompts_per_rank", a.prompts_per_rank)):
-        if val < 1:
-            errors.append(f"--{name.replace('_', '-')} {val}: must be >= 1")
-    for flag, path in (("model", a.model), ("prompts", a.prompts)):
-        if path and not os.path.exists(path):
-            errors.append(f"--{flag} {path}: no such file or folder")
-    names = [n.strip() for n in a.reward.split("+")]
-    if "" in names or len(set(names)) != len(names):
-        errors.append(f"--reward {a.reward!r}: give distinct reward names joined by '+', e.g. hps+clip")
-    for name in filter(None, names):
-        try:
-            if missing := needs(name, asdict(a.rewards)):
-                errors.append(f"--reward {name} needs {missing}")
-        except (ValueError, FileNotFoundError) as e:
-            errors.append(f"--reward: {e}")
-    if a.model and not a.prompts:
-        errors.append("--prompts FILE is required with --model (one prompt per line)")
+
+    def need(ok, message):
+        if not ok:
+            errors.append(message)
+    need(a.G >= 2, f"--G {a.G}: the group needs at least 2 members to normalise advantages")
+    need(a.T >= 2, f"--T {a.T}: need at least 2 sampling steps")
+    need(a.eta > 0, f"--eta {a.eta}: must be > 0 (a step without noise has no log-probability to train)")
+    need(a.shift > 0, f"--shift {a.shift}: must be > 0")
+    for flag, val in (("lr", a.lr), ("clip-range", a.clip_range), ("adv-clip", a.adv_clip),
+                      ("max-grad-norm", a.max_grad_norm)):
+        need(math.isfinite(val) and val > 0, f"--{flag} {val}: must be a finite number > 0")
+    need(a.clip_range < 1, f"--clip-range {a.clip_range}: must be < 1 (the ratio is clipped to [1 - eps, 1 + eps])")
+    need(math.isfinite(a.weight_decay) and a.weight_decay >= 0, f"--weight-decay {a.weight_decay}: must be >= 0")
+    for flag, val, low in (("iterations", a.iterations, 1), ("prompts-per-rank", a.prompts_per_rank, 1),
+                           ("checkpoint-every", a.checkpoint_every, 0), ("keep-checkpoints", a.keep_checkpoints, 1),
+                           ("max-skipped", a.max_skipped, 1), ("num-samples", a.num_samples, 0),
+                           ("height", a.height, 0), ("width", a.width, 0)):
+        need(val >= low, f"--{flag} {val}: must be >= {low}")
+    if a.algo in BASELINES:
+        need(a.Lambda == (1,) and not a.sde_steps, f"--algo {a.algo} scores one image per trajectory and plans its "
+             "own SDE steps: drop --Lambda and --sde-steps")
+        need(a.algo != "dancegrpo" or 0 < a.train_fraction <= 1, f"--train-fraction {a.train_fraction}: in (0, 1]")
+        need(a.algo != "mixgrpo" or 1 <= a.window <= a.T, f"--window {a.window}: must be in [1, T = {a.T}]")
+        need(a.algo != "mixgrpo" or a.window_shift_every >= 1, "--window-shift-every: must be >= 1")
+    else:
+        need(a.Lambda and min(a.Lambda) >= 1 and len(set(a.Lambda)) == len(a.Lambda),
+             f"--Lambda {' '.join(map(str, a.Lambda))}: give distinct integers >= 1, e.g. --Lambda 1 2 3")
+        M = sde_steps(a)
+        need(all(0 <= k < a.T for k in M) and len(set(M)) == len(M), f"--sde-steps {' '.join(map(str, a.sde_steps))}"
+             f": distinct grid indices in [0, {a.T - 1}] for T={a.T}")
+        need(a.algo != "g2rpo-no-mgai" or a.Lambda == (1,), "--algo g2rpo-no-mgai is G2RPO with Lambda = {1}; "
+             "drop --Lambda")
+    need(not a.model or (Path(a.model) / "model_index.json").is_file(), f"--model {a.model}: not a diffusers model "
+         "folder (no model_index.json): give the folder FluxPipeline.save_pretrained writes, e.g. FLUX.1-dev")
+    need(not a.model or a.prompts, "--prompts FILE is required with --model (one prompt per line)")
+    if a.prompts:
+        errors += prompt_file_errors(a.prompts)
+    errors += [f"--reward {e}" for e in reward_spec_errors(a.reward, asdict(a.rewards))]
     if errors:
         raise SystemExit("train.py: invalid arguments:\n  " + "\n  ".join(errors))
 
@@ -148,7 +158,14 @@ def check_args(a: Args):
 # checkpoints and export. Everything rank-aware lives in this block.
 # ------------------------------------------------------------------------------------------------
 def setup_distributed(device_pref: str):
-    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as a world of one."""
+    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as a world of one. Under torchrun a
+    rank stops (SIGTERM) when its launcher dies, instead of training on as an orphan."""
+    if "RANK" in os.environ and sys.platform == "linux":
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: signal us when the parent exits
+        if os.getppid() == 1:  # the launcher died before we asked
+            raise SystemExit("train.py: the launcher (torchrun) is gone")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(29500 + os.getpid() % 1000))
@@ -252,16 +269,23 @@ def save_checkpoint(out: Path, it: int, model, optim, sampler_state, rank: int):
                tmp / f"rng_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        (tmp / "state.json").write_text(json.dumps({"iteration": it, "sampler": sampler_state}))
+        (tmp / "state.json").write_text(json.dumps({"iteration": it, "sampler": sampler_state,
+                                                    "world_size": dist.get_world_size()}))
         os.replace(tmp, final)  # atomic: a folder named ckpt_* is always complete
     dist.barrier()
 
 
 def load_checkpoint(out: Path, model, optim, rank: int):
-    """(iteration, sampler position) of the newest complete checkpoint in `out`, loaded; (0, None) if none."""
+    """(iteration, sampler position) of the newest complete checkpoint in `out`, loaded; (0, None) if none.
+    A newer folder that is not whole (truncated, unfinished) is named and passed over."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    done = sorted(p for p in out.glob("ckpt_*") if not p.name.endswith(".tmp") and (p / "state.json").exists())
+    done = trainrun.checkpoints(out)
+    for bad in (p for p in trainrun.checkpoints(out, complete=False) if not done or p.name > done[-1].name):
+        if rank == 0:
+            print(f"train.py: checkpoint {bad} is not usable ({trainrun.problems(bad)}); "
+                  f"{'resuming from ' + str(done[-1]) if done else 'no complete checkpoint: starting at 0'}",
+                  file=sys.stderr, flush=True)
     if not done:
         return 0, None
     msd, osd = get_state_dict(model, optim)
@@ -287,31 +311,12 @@ def export_model(out: Path, model, model_dir: Path, rank: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data
+# Data: the prompts (data/prompts.py), the world, the sample grid
 # ------------------------------------------------------------------------------------------------
-class PromptSampler:
-    """Seeded, epoch-shuffled, rank-strided prompts; its position is part of the checkpoint."""
-
-    def __init__(self, prompts, seed, rank, world, per_rank):
-        self.prompts, self.seed, self.rank, self.world, self.per_rank = prompts, seed, rank, world, per_rank
-        self.position = 0  # global prompt index consumed so far (same on every rank)
-
-    def next(self):
-        """[(global prompt index, prompt)] of this rank for one iteration."""
-        out = []
-        for j in range(self.per_rank):
-            g = self.position + self.rank * self.per_rank + j
-            epoch, i = divmod(g, len(self.prompts))
-            perm = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed + epoch))
-            out.append((g, self.prompts[perm[i]]))
-        self.position += self.world * self.per_rank
-        return out
-
-
 def load_world(a: Args, rank: int):
     """(model folder, training prompts, sample-grid prompts, prompts to mark in the grid). The small
     world (toy/) is reached only here, and only without --model."""
-    prompts = [p for p in (l.strip() for l in open(a.prompts)) if p] if a.prompts else None
+    prompts = read_prompts(a.prompts) if a.prompts else None
     if a.model:
         return Path(a.model), prompts, prompts[: max(1, a.num_samples // 2)], ()
     import toy
@@ -321,8 +326,9 @@ def load_world(a: Args, rank: int):
     return Path(toy.base_model()), prompts or list(toy.TRAIN_PROMPTS), list(toy.GRID_PROMPTS), toy.HELDOUT_PROMPTS
 
 
-def write_samples(policy, prompts, marked, a, path, is_main):
-    """Deterministic ODE samples of fixed prompts and seeds 0, 1 (every rank runs the FSDP forwards)."""
+def write_samples(policy, prompts, marked, a, path, is_main) -> bool:
+    """Deterministic ODE samples of fixed prompts and seeds 0, 1 (every rank runs the FSDP forwards).
+    Returns whether every image is finite (on every rank): a diverged model samples NaN."""
     from policy.flux import sample
     from report.figures import save_grid
     policy.transformer.eval()
@@ -330,6 +336,7 @@ def write_samples(policy, prompts, marked, a, path, is_main):
     if is_main:
         save_grid(imgs, prompts, 2, path, max(1, 96 // policy.height), marked)
     policy.transformer.train()
+    return all_true(bool(torch.isfinite(imgs).all()), imgs.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,48 +446,50 @@ def peak_memory_gb(device) -> float:
 
 
 def start_log(a, plan, world, device, out, start):
-    """Rank 0: the derived numbers of this run, args.json, metrics.jsonl cut back to the checkpoint resumed."""
+    """Rank 0: the derived numbers of this run; args.json (or resumes.jsonl) and metrics.jsonl (trainrun)."""
     P = world * a.prompts_per_rank
     print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
           f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals} in {plan.calls} batched "
           f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | device {device}", flush=True)
-    (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():  # keep only what the checkpoint we continue from has seen
-        keep = [l for l in metrics.read_text().splitlines() if json.loads(l)["iteration"] <= start]
-        metrics.write_text("".join(l + "\n" for l in keep))
+    trainrun.start(out, {**asdict(a), "world_size": world}, a.resume, start)
 
 
 def write_log(rec, out, bar):
-    """Rank 0: append the record to metrics.jsonl, show it on the progress bar, redraw the reward curve."""
-    from report.figures import plot_curve
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    """Rank 0: the record into metrics.jsonl and the reward curve (trainrun.append), and onto the progress bar."""
+    trainrun.append(out, rec)
     bar.set_postfix({**{k: f"{v:.4f}" for k, v in rec["anchor_reward"].items()},
                      "loss": f"{rec['loss']:+.2e}", "drift": f"{rec.get('ratio_drift_mean', 0):.1e}"})
     if rec["skipped"]:
         bar.write(f"iteration {rec['iteration']}: non-finite reward or advantage, update skipped")
-    plot_curve(out / "metrics.jsonl", out / "reward_curve.png")
 
 
 # ------------------------------------------------------------------------------------------------
 # main: set-up, then Algorithm 1
 # ------------------------------------------------------------------------------------------------
-def main(argv=None):
-    a = parse_args(argv)
-    check_args(a)
-    rank, world, device = setup_distributed(a.device)
-    out, is_main = Path(a.out), rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(a.seed + rank), random.seed(a.seed + rank), np.random.seed(a.seed + rank)
+@dataclass
+class Run:
+    """What the set-up hands the loop."""
+    policy: object  # policy.flux.FluxPolicy
+    model: torch.nn.Module  # the FSDP2-sharded transformer
+    optim: torch.optim.Optimizer
+    rewards: list
+    sampler: PromptSampler
+    plan: object  # G2RPO or baselines.grpo.TrajectoryGRPO
+    start: int  # first iteration (> 0 when resumed)
+    model_dir: Path
+    grid: tuple  # (sample-grid prompts, prompts marked in it)
+
+
+def set_up(a: Args, rank: int, world: int, device) -> Run:
+    """Lines 1-2 of Algorithm 1: the policy, the reward models, the optimizer; a resumed state; the
+    prompts this rank will use, encoded once into the disk cache (the text encoders are then freed)."""
     from policy.flux import FluxPolicy
+    out = Path(a.out)
+    torch.manual_seed(a.seed + rank), random.seed(a.seed + rank), np.random.seed(a.seed + rank)
     model_dir, prompts, grid_prompts, marked = load_world(a, rank)
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
-    policy = FluxPolicy.from_pretrained(model_dir, device=device, dtype=torch.float32,
-                                        cache_dir=out / "prompt_cache", **dims)
-    policy.encode_prompts(prompts[rank::world])  # each rank embeds its share into the disk cache
-    dist.barrier()
+    policy = FluxPolicy.from_pretrained(model_dir, device=device, dtype=torch.float32, cache_dir=out / "prompt_cache",
+                                        embed_dtype=torch.bfloat16 if a.mixed_precision == "bf16" else None, **dims)
     rewards = load_rewards(a.reward, device=device, **asdict(a.rewards))
     model = shard_model(policy.transformer, device, a.mixed_precision, a.activation_checkpointing)
     model.train()
@@ -488,43 +497,94 @@ def main(argv=None):
     sampler = PromptSampler(prompts, a.sampler_seed, rank, world, a.prompts_per_rank)
     start, position = load_checkpoint(out, model, optim, rank) if a.resume else (0, 0)
     sampler.position = position or 0
-    meter, sigmas = GatherMeter(), sigma_grid(a.T, a.shift).to(device)
+    policy.encode_prompts(future_prompts(sampler, a.iterations - start) + (grid_prompts if rank == 0 else []))
+    dist.barrier()
+    sigmas = sigma_grid(a.T, a.shift).to(device)
     plan = G2RPO(a, sigmas) if a.algo.startswith("g2rpo") else TrajectoryGRPO(a, sigmas)  # chosen once
+    return Run(policy, model, optim, rewards, sampler, plan, start, model_dir, (grid_prompts, marked))
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    is_main, out = os.environ.get("RANK", "0") == "0", Path(a.out)
+    try:  # every problem with the arguments or the run folder, before any work, printed by rank 0 only
+        check_args(a)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if errors := trainrun.ownership_errors(out, {**asdict(a), "world_size": world}, a.resume, a.overwrite):
+            raise SystemExit("train.py: " + "\n  ".join(errors))
+    except SystemExit as e:
+        raise SystemExit(e.code if is_main else 1) from None
+    quiet()
+    rank, world, device = setup_distributed(a.device)
+    lock = trainrun.take_lock(out) if is_main else None  # noqa: F841 - held until the process ends
+    if is_main and a.overwrite:
+        trainrun.clear(out)
+    dist.barrier()
+    r = set_up(a, rank, world, device)
+    model, optim, plan, meter = r.model, r.optim, r.plan, GatherMeter()
     if is_main:
-        start_log(a, plan, world, device, out, start)
-    if start == 0:
-        write_samples(policy, grid_prompts, marked, a, out / "samples_000000.png", is_main)
-    bar = tqdm(range(start, a.iterations), initial=start, total=a.iterations, disable=not is_main, dynamic_ncols=True)
+        start_log(a, plan, world, device, out, r.start)
+    ok = write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main) if r.start == 0 else True
+    sampled_at = r.start if r.start == 0 else None  # iteration of the last sample grid (the same on every rank)
+    bar = tqdm(range(r.start, a.iterations), initial=r.start, total=a.iterations, disable=not is_main, dynamic_ncols=True)
+    idle = 0  # iterations in a row without an update
 
     for it in bar:  # line 3: for each training iteration
         t0 = time.time()
-        batch = sampler.next()  # line 5: this rank's prompts
+        batch = r.sampler.next()  # line 5: this rank's prompts
         # line 4 (pi_old <- pi_theta): the rollout runs the current weights, its log-probs are the "old" ones
         model.eval(), meter.take()
         with Gathered(model):  # lines 6-20: no gradients, parameters gathered once
             results = []
             for g_idx, prompt in batch:
                 gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + g_idx)  # x_T and SDE noise
-                x_T = policy.noise(1, generator=gen)  # line 7: one shared initial noise
-                results.append(sample_prompt(plan, policy, model, rewards, prompt, x_T, it, gen))
+                x_T = r.policy.noise(1, generator=gen)  # line 7: one shared initial noise
+                results.append(sample_prompt(plan, r.policy, model, r.rewards, prompt, x_T, it, gen))
         gathered_rollout, t_roll = meter.take(), time.time() - t0
         As = [mixed_advantage(s.R, adv_clip=a.adv_clip) for s in results]  # lines 21-22: Eqs. 8, 11 -> (|k|, G)
         finite = all(torch.isfinite(s.R).all() and torch.isfinite(A).all() for s, A in zip(results, As))
         t1 = time.time()  # lines 24-26: Eq. 12 and the update, skipped on every rank if any rank is non-finite
         model.train(), optim.zero_grad(set_to_none=True)
-        stats = update(policy, model, optim, results, As, a, device) if all_true(finite, device) else {}
+        stats = update(r.policy, model, optim, results, As, a, device) if all_true(finite, device) else {}
         costs = dict(gathered_rollout=gathered_rollout, gathered_train=meter.take(), sec_rollout=t_roll,
                      sec_train=time.time() - t1, peak_mem_gb=peak_memory_gb(device))
-        rec = log_record(it, results, As, stats, plan, rewards, finite, costs)
+        rec = log_record(it, results, As, stats, plan, r.rewards, finite, costs)
         if is_main:
             write_log(rec, out, bar)
+        idle = 0 if rec["optimizer_steps"] else idle + 1  # the same on every rank (all_true above)
+        if idle >= a.max_skipped:
+            stop(f"{idle} iterations in a row without an update (non-finite rewards, advantages or gradients): the "
+                 "run has diverged and nothing is exported; lower --lr, or --resume from an earlier checkpoint", is_main)
         if a.checkpoint_every and (it + 1) % a.checkpoint_every == 0:
-            save_checkpoint(out, it + 1, model, optim, sampler.position, rank)
-            write_samples(policy, grid_prompts, marked, a, out / f"samples_{it + 1:06d}.png", is_main)
+            save_checkpoint(out, it + 1, model, optim, r.sampler.position, rank)
+            trainrun.prune(out, a.keep_checkpoints) if is_main else None
+            ok, sampled_at = write_samples(r.policy, *r.grid, a, out / f"samples_{it + 1:06d}.png", is_main), it + 1
+    if sampled_at != a.iterations:  # the final model's samples: a diverged model samples non-finite images
+        ok = write_samples(r.policy, *r.grid, a, out / f"samples_{a.iterations:06d}.png", is_main)
+    if not ok:
+        stop("the trained model samples non-finite images: the run has diverged and is not exported", is_main)
     if a.export:
-        export_model(out, model, model_dir, rank)
+        export_model(out, model, r.model_dir, rank)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def stop(message: str, is_main: bool):
+    """End every rank with exit status 1; rank 0 says why."""
+    dist.destroy_process_group()
+    raise SystemExit(f"train.py: {message}" if is_main else 1)
+
+
+def quiet():
+    """Silence what is known to be harmless, so that the progress bar and real warnings stay visible."""
+    import warnings
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()  # weight-loading bars
+    transformers.utils.logging.disable_progress_bar()
+    # FSDP2 warns that the transformer returns a view; an in-place op on it would skip a hook, but
+    # FluxPolicy.velocity only ever copies it (.float()) before anything else touches it
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 if __name__ == "__main__":

@@ -195,11 +195,12 @@ def report(out: Path, seeds, iterations: int):
 
 def plot(out: Path, seeds, methods, path: Path, budget=None,
          xs=("iteration", "rollout model evaluations per prompt", "wall clock (s, 2 cores)")):
-    """Deterministic-sample reward while training (moving mean over 10 iterations), mean over seeds
+    """Deterministic-sample reward while training (mean of the last 10 iterations, from the 10th), mean over seeds
     with a band of one std, against iterations, rollout evaluations and seconds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from report.figures import moving_mean
     fig, axes = plt.subplots(1, len(xs), figsize=(5 * len(xs), 3.6), squeeze=False)
     for lab, algo, ex in methods:
         runs = [out / f"{slug(lab)}-s{s}" for s in seeds]
@@ -207,11 +208,12 @@ def plot(out: Path, seeds, methods, path: Path, budget=None,
         if not data:
             continue
         n = min(len(d[0]) for d in data)
-        ys = np.stack([np.convolve(d[1][:n], np.ones(10), "full")[:n] / np.minimum(np.arange(1, n + 1), 10)
-                       for d in data])
-        its = data[0][0][:n]
+        if n < 10:
+            continue
+        ys = np.stack([moving_mean(d[1][:n]) for d in data])  # full windows only: from the 10th iteration
+        its = data[0][0][9:n]
         x_of = {xs[0]: its, "rollout model evaluations per prompt": its * cost_per_prompt(algo, ex),
-                "wall clock (s, 2 cores)": np.mean([d[2][:n] for d in data], 0)}
+                "wall clock (s, 2 cores)": np.mean([d[2][9:n] for d in data], 0)}
         for ax, name in zip(axes[0], xs):
             m, s = ys.mean(0), ys.std(0)
             line, = ax.plot(x_of[name], m, label=f"{lab} ({len(data)} seeds)")

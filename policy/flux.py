@@ -63,9 +63,10 @@ class FluxPolicy:
     """
 
     def __init__(self, root, transformer, vae, height, width, max_sequence_length, guidance,
-                 device="cpu", dtype=torch.bfloat16, cache_dir=None):
+                 device="cpu", dtype=torch.bfloat16, cache_dir=None, embed_dtype=None):
         self.root, self.transformer, self.vae = Path(root), transformer, vae
         self.device, self.dtype = torch.device(device), dtype
+        self.embed_dtype = embed_dtype or dtype  # the prompt embeddings as stored (the precision they are used in)
         self.max_sequence_length, self.guidance = int(max_sequence_length), float(guidance)
         if not 0 < self.max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in [1, 512] (T5 limit), got {max_sequence_length}")
@@ -86,7 +87,7 @@ class FluxPolicy:
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, height=None, width=None,
-                        max_sequence_length=None, guidance=None, cache_dir=None):
+                        max_sequence_length=None, guidance=None, cache_dir=None, embed_dtype=None):
         """Load a local diffusers FLUX folder. Unset options come from its g2rpo.json, else DEFAULTS."""
         root = Path(path)
         hint = (f"expected a local diffusers FLUX folder as FluxPipeline.save_pretrained writes it "
@@ -107,7 +108,8 @@ class FluxPolicy:
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=dtype) if has_vae else None
         transformer = transformer.to(device).eval()
         vae = vae.to(device).eval() if vae is not None else None
-        return cls(root, transformer, vae, **opts, device=device, dtype=dtype, cache_dir=cache_dir)
+        return cls(root, transformer, vae, **opts, device=device, dtype=dtype, cache_dir=cache_dir,
+                   embed_dtype=embed_dtype)
 
     # ---------------------------------------------------------------- the policy v_theta(x, t, c)
     def velocity(self, cond: Cond, transformer=None):
@@ -180,7 +182,7 @@ class FluxPolicy:
         else:
             entry = torch.load(self._path(key), map_location="cpu", weights_only=True)
             want = {"fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
-                    "dtype": str(self.dtype), "prompt": prompt}
+                    "dtype": str(self.embed_dtype), "prompt": prompt}
             got = {k: entry.get(k) for k in want}
             if got != want:
                 raise ValueError(f"prompt cache entry {self._path(key)} was written for {got}, not {want} "
@@ -205,7 +207,8 @@ class FluxPolicy:
             pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output.cpu()  # (b, P)
             seq = t5(ids_2.to(self.device), output_hidden_states=False)[0].cpu()  # (b, S, D)
             for j, p in enumerate(batch):
-                self._store(p, Cond(seq[j:j + 1].clone(), pooled[j:j + 1].clone()))
+                e = self.embed_dtype
+                self._store(p, Cond(seq[j:j + 1].to(e).clone(), pooled[j:j + 1].to(e).clone()))
         del clip, t5, tok, tok_2
         gc.collect()
         if torch.cuda.is_available():
@@ -219,7 +222,7 @@ class FluxPolicy:
         return self._fingerprint
 
     def _key(self, prompt: str) -> str:
-        ident = json.dumps([self.fingerprint(), self.max_sequence_length, str(self.dtype), prompt])
+        ident = json.dumps([self.fingerprint(), self.max_sequence_length, str(self.embed_dtype), prompt])
         return hashlib.sha256(ident.encode()).hexdigest()
 
     def _has(self, key: str) -> bool:
@@ -234,7 +237,7 @@ class FluxPolicy:
             self._memory[key] = cond
             return
         entry = {"fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
-                 "dtype": str(self.dtype), "prompt": prompt,
+                 "dtype": str(self.embed_dtype), "prompt": prompt,
                  "prompt_embeds": cond.prompt_embeds, "pooled": cond.pooled}
         atomic_write(self._path(key), lambda tmp: torch.save(entry, tmp))  # several processes may share the cache
 

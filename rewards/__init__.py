@@ -111,6 +111,22 @@ def needs(name: str, options: dict) -> str:
     return " or ".join(" and ".join(map(flag, alt)) for alt in spec.needs) + f" ({spec.origin})"
 
 
+def reward_spec_errors(spec: str, options: dict) -> list:
+    """One line per problem of a reward spec ('hps+clip') with the given options, without loading anything:
+    an empty or repeated name, an unknown one, a file it needs that is not given or does not exist."""
+    names = [n.strip() for n in spec.split("+")]
+    if "" in names or len(set(names)) != len(names):
+        return [f"{spec!r}: give distinct reward names joined by '+', e.g. hps+clip"]
+    errors = []
+    for name in names:
+        try:
+            if missing := needs(name, options):
+                errors.append(f"{name} needs {missing}")
+        except (ValueError, FileNotFoundError) as e:
+            errors.append(str(e))
+    return errors
+
+
 def load_rewards(spec: str, device="cpu", dtype=None, **options) -> list:
     """'hps+clip' -> [hps reward, clip reward]: one object per '+'-separated name, in order.
     options: the keys of OPTIONS, e.g. hps_checkpoint, clip_model, pickscore_model, pickscore_processor

@@ -1,7 +1,7 @@
 """evaluate.py on a tiny toy model: the same images on 1 and 2 processes (torchrun), resume after a real SIGKILL
-and after deleted outputs, metrics given / skipped (ImageReward on tiny weights, UnifiedReward through a real
-local server), the Student-t intervals against hand arithmetic, train.py's export and checkpoint, comparison
-and grid, and the toy evaluation end to end."""
+and after deleted outputs, a diverged model refused, metrics given / skipped (ImageReward on tiny weights,
+UnifiedReward through a real local server), the Student-t intervals against hand arithmetic, train.py's export
+and checkpoint, comparison and grid, and the toy evaluation end to end."""
 import json
 import math
 import os
@@ -121,6 +121,31 @@ def test_resume_after_kill_and_after_deleted_outputs(world, reference, tmp_path,
     same_run(reference, run)
     with pytest.raises(SystemExit, match="other settings"):  # a resume never mixes settings
         evaluate.main(argv[:-6] + ["--steps", "4", "--per-prompt", "2", "--batch-size", "3"])
+
+
+def test_a_diverged_model_is_refused_before_its_batch_is_saved(world, reference, tmp_path, monkeypatch):
+    """NaN in images 4 and 5 (prompt 2, seeds 44 and 1_000_044; batch 1 = images 3..5): a one-line error naming the
+    model and the first of them; batch 0's PNGs and scores are kept, no PNG of batch 1 is written, nothing is
+    summarised; rerun with a sane model, the folder finishes exactly as the reference."""
+    real = evaluate.sample
+
+    def diverged(policy, prompts, seeds, *args, **kw):
+        x = real(policy, prompts, seeds, *args, **kw)
+        x[torch.tensor([s % 1_000_000 == 44 for s in seeds])] = float("nan")
+        return x
+
+    monkeypatch.setattr(evaluate, "sample", diverged)
+    argv = base_argv(world, tmp_path)
+    with pytest.raises(SystemExit, match=r"^evaluate.py: tiny sampled a non-finite image \(prompt 2, seed 44\)") as e:
+        evaluate.main(argv)
+    assert "\n" not in str(e.value) and "diverged" in str(e.value)
+    run = tmp_path / "tiny"
+    assert sorted(p.name for p in (run / "images").iterdir()) == ["00000_00.png", "00000_01.png", "00001_00.png"]
+    assert not (run / "results.json").exists() and not (run / "scores.jsonl").exists()
+    assert sorted({json.loads(l)["index"] for l in (run / "scores.part0.jsonl").read_text().splitlines()}) == [0, 1, 2]
+    monkeypatch.undo()
+    evaluate.main(argv)
+    same_run(reference, run)
 
 
 # ---------------------------------------------------------------- metrics given and skipped

@@ -277,3 +277,15 @@ def test_fingerprint_value_is_pinned(tmp_path):
     policy = flux.FluxPolicy.__new__(flux.FluxPolicy)
     policy.root, policy._fingerprint = tmp_path, None
     assert policy.fingerprint() == "a355b7af6857f5696ece2f5570e03c93"
+
+
+def test_embeddings_are_stored_in_the_precision_they_are_used_in(model_dir, tmp_path):
+    """Training under bf16 mixed precision casts the fp32 embeddings to bf16 at the model's input:
+    storing them in bf16 halves the cache and changes nothing the model sees."""
+    full = load(model_dir, dtype=torch.float32, cache_dir=tmp_path / "fp32").embed("a red house")
+    half = load(model_dir, dtype=torch.float32, cache_dir=tmp_path / "bf16", embed_dtype=torch.bfloat16)
+    cond = half.embed("a red house")
+    assert cond.prompt_embeds.dtype == torch.bfloat16 and full.prompt_embeds.dtype == torch.float32
+    assert torch.equal(cond.prompt_embeds, full.prompt_embeds.bfloat16()) and torch.equal(cond.pooled, full.pooled.bfloat16())
+    stored = torch.load(next((tmp_path / "bf16").glob("*.pt")), weights_only=True)  # what the disk holds
+    assert stored["prompt_embeds"].dtype == stored["pooled"].dtype == torch.bfloat16 and stored["dtype"] == "torch.bfloat16"

@@ -246,13 +246,15 @@ def test_registry_order_and_errors(hps_ckpt, clip_dir):
         rewards.load_rewards("hps+hps", hps_checkpoint=hps_ckpt, hps_arch=TINY)
 
 
-# ---- parity with the `hpsv2` package's own scoring code (skipped when it is not installed) ------
-@pytest.mark.skipif(importlib.util.find_spec("hpsv2") is None, reason="hpsv2 not installed")
+# ---- parity with the `hpsv2` package's own scoring code (make venv installs it: requirements-nodeps.txt) ----
 def test_matches_hpsv2_package(tiny_clip, hps_ckpt, tmp_path):
+    spec = importlib.util.find_spec("hpsv2")
+    assert spec, "hpsv2 is not installed: pip install --no-deps -r requirements-nodeps.txt (make venv does)"
     # hpsv2's wheel lacks the BPE file its tokenizer loads at import: import a copy of its
     # open_clip with open_clip's identical vocabulary added (and without hpsv2/__init__'s extras)
-    src = os.path.join(os.path.dirname(importlib.util.find_spec("hpsv2").origin), "src", "open_clip")
-    shutil.copytree(src, tmp_path / "hps_open_clip")
+    shutil.copytree(os.path.join(os.path.dirname(spec.origin), "src", "open_clip"), tmp_path / "hps_open_clip")
+    factory = tmp_path / "hps_open_clip" / "factory.py"  # an unused `from turtle import forward`: it needs Tk
+    factory.write_text(factory.read_text().replace("from turtle import forward\n", "", 1))
     shutil.copy(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"),
                 tmp_path / "hps_open_clip")
     sys.path.insert(0, str(tmp_path))

@@ -1,6 +1,7 @@
 """train.py: real torchrun runs (2 gloo processes) of the real script on a tiny toy model."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_resume_equals_straight_run(tiny_model, tmp_path):
 @pytest.mark.parametrize("argv,msg", [
     (["--G", "1"], "--G 1"), (["--Lambda"], "--Lambda"), (["--Lambda", "0", "1"], "--Lambda"),
     (["--Lambda", "1", "1"], "--Lambda"), (["--T", "8", "--sde-steps", "0", "8"], "--sde-steps"),
-    (["--eta", "-0.1"], "--eta"), (["--model", "/no/such/flux", "--prompts", __file__], "no such file"),
+    (["--eta", "-0.1"], "--eta"), (["--model", "/no/such/flux", "--prompts", __file__], "not a diffusers model folder"),
     (["--model", __file__], "--prompts FILE is required"),
     (["--algo", "dancegrpo", "--Lambda", "1", "2"], "drop --Lambda"),
     (["--algo", "g2rpo-no-mgai", "--Lambda", "1", "2"], "g2rpo-no-mgai"),
@@ -187,3 +188,124 @@ def test_baselines_run_in_the_same_harness(tiny_model, tmp_path, algo):
     assert list(rec["reward_per_lambda"]) == ["toy-adherence@1"] and rec["optimizer_steps"] == 1
     if algo != "g2rpo-no-mgai":
         assert rec["model_evaluations"] == 4 * (3 + 1)  # T (G + 1): G trajectories + the anchor
+
+
+# ---- robustness: arguments, prompt files, the run folder, resume, divergence, the launcher ------
+@pytest.mark.parametrize("argv,msg", [
+    (["--eta", "0"], "--eta 0.0: must be > 0"), (["--sde-steps", "0", "0"], "--sde-steps 0 0"),
+    (["--clip-range", "-0.1"], "--clip-range"), (["--adv-clip", "-1"], "--adv-clip"), (["--lr", "-1e-4"], "--lr"),
+    (["--lr", "nan"], "--lr nan"), (["--weight-decay", "-1"], "--weight-decay"), (["--shift", "0"], "--shift"),
+    (["--algo", "mixgrpo", "--T", "8", "--window", "9"], "--window 9"), (["--keep-checkpoints", "0"], "--keep"),
+    (["--algo", "dancegrpo", "--train-fraction", "0"], "--train-fraction")])
+def test_every_numeric_flag_has_its_range(argv, msg):
+    with pytest.raises(SystemExit, match=re.escape(msg)):
+        train.check_args(train.parse_args(argv))
+
+
+def test_flags_of_other_algorithms_are_not_checked():
+    for argv in (["--T", "3"], ["--window", "99"], ["--train-fraction", "7"]):  # MixGRPO / DanceGRPO only
+        train.check_args(train.parse_args(argv))
+
+
+@pytest.mark.parametrize("content,msg", [(b"", "holds no prompt"), (b"  \n\n \t\n", "holds no prompt"),
+                                         (b"\xff\xfe\x00\x81binary", "not a UTF-8 text file")])
+def test_bad_prompt_files_are_named(tmp_path, content, msg):
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(content)
+    with pytest.raises(SystemExit, match=re.escape(f"--prompts {f}: {msg}")):
+        train.check_args(train.parse_args(["--prompts", str(f)]))
+
+
+def test_model_must_be_a_model_folder(tmp_path):
+    f = tmp_path / "weights.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(SystemExit, match="not a diffusers model folder"):
+        train.check_args(train.parse_args(["--model", str(f), "--prompts", __file__]))
+
+
+def test_the_run_folder_has_one_owner(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    launch(0, out, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export"])
+    before = (out / "metrics.jsonl").read_text()
+    r = launch(0, out, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export"], check=False)
+    assert r.returncode != 0 and "holds a run: --resume continues it, --overwrite replaces it" in r.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # refused before touching anything
+    r = launch(0, out, tiny_model, ["--iterations", "2", "--resume", "--G", "4", "--no-export"], check=False)
+    assert r.returncode != 0 and "--resume with other settings" in r.stderr and "G 3 -> 4" in r.stderr
+    import fcntl
+    with open(out / ".lock", "a+") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = launch(0, out, tiny_model, ["--iterations", "1", "--overwrite", "--no-export"], check=False)
+    assert r.returncode != 0 and "is in use by another run" in r.stderr and (out / "metrics.jsonl").read_text() == before
+    launch(0, out, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export", "--overwrite"])
+    assert [m["iteration"] for m in metrics(out)] == [1] and json.loads((out / "args.json").read_text())["G"] == 3
+
+
+def test_a_truncated_newest_checkpoint_is_named_and_passed_over(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    launch(0, out, tiny_model, ["--iterations", "4", "--checkpoint-every", "2", "--no-export"])
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_000002", "ckpt_000004"]
+    shard = next((out / "ckpt_000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    r = launch(0, out, tiny_model, ["--iterations", "5", "--checkpoint-every", "0", "--no-export", "--resume"])
+    assert "ckpt_000004 is not usable" in r.stderr and "truncated" in r.stderr and "resuming from" in r.stderr
+    assert [m["iteration"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+    assert [json.loads(l)["iteration"] for l in (out / "resumes.jsonl").read_text().splitlines()] == [2]
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    launch(0, out, tiny_model, ["--iterations", "3", "--checkpoint-every", "1", "--keep-checkpoints", "1",
+                                "--no-export"])
+    assert [p.name for p in out.glob("ckpt_*")] == ["ckpt_000003"]
+
+
+def test_a_diverged_run_stops_and_exports_nothing(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    r = launch(0, out, tiny_model, ["--iterations", "8", "--checkpoint-every", "0", "--lr", "1e10",
+                                    "--max-skipped", "2"], check=False)
+    assert r.returncode == 1 and "2 iterations in a row without an update" in r.stderr
+    assert not (out / "final").exists() and len(metrics(out)) < 8
+
+
+def test_one_error_message_under_torchrun_and_quiet_loading(tiny_model, tmp_path):
+    r = launch(2, tmp_path / "bad", tiny_model, ["--eta", "0"], check=False)
+    assert r.returncode != 0 and (r.stdout + r.stderr).count("--eta 0.0: must be > 0") == 1
+    r = launch(0, tmp_path / "ok", tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export"])
+    assert "Loading weights" not in r.stderr and "returned a view tensor" not in r.stderr
+
+
+def test_ranks_stop_when_the_launcher_dies(tiny_model, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "orphans"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29400 + os.getpid() % 500 + 7), str(ROOT / "train.py"), "--model", str(tiny_model[0]), "--prompts",
+           str(tiny_model[1]), "--out", str(out), *TINY, "--iterations", "500", "--checkpoint-every", "0"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert (out / "metrics.jsonl").exists(), "the run did not start"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 30
+        while ranks_writing(out) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not ranks_writing(out), "ranks kept running after their launcher was killed"
+    finally:
+        launcher.kill()
+
+
+def ranks_writing(out) -> list:
+    """Processes whose command line names `out` (the ranks of that run)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(out) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

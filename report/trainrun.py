@@ -1,0 +1,137 @@
+"""A training run's folder --out as train.py writes it, and the rules that keep it one run's:
+
+    .lock                 held (flock) by rank 0 for the whole run: a second run into the folder stops
+    args.json             the settings of the run (and its world size), written when it starts
+    resumes.jsonl         one line per --resume: the iteration it continued from and its settings
+    metrics.jsonl         one line per iteration; cut back to the checkpoint a --resume continues from
+    ckpt_NNNNNN/          sharded checkpoints (renamed into place when complete), the newest --keep-checkpoints
+    samples_NNNNNN.png, reward_curve.png, final/ (the exported model), prompt_cache/
+
+A folder that holds a run is continued only with --resume, and only with the same algorithm-defining
+settings; --overwrite clears it first (the prompt cache is kept). Everything here reads the file
+system only, so every rank reaches the same answer without a collective.
+"""
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "reward_curve.png", "final", "final.tmp")
+# settings that a --resume must keep: they define the algorithm, the data stream or the numbers
+DEFINING = ("model", "algo", "reward", "prompts", "prompts_per_rank", "G", "T", "eta", "schedule", "shift", "Lambda",
+            "sde_steps", "fine_first", "train_fraction", "window", "window_shift_every", "lr", "weight_decay",
+            "max_grad_norm", "clip_range", "adv_clip", "step_per_k", "seed", "sampler_seed", "mixed_precision",
+            "height", "width", "world_size")
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / f).exists() for f in RUN_FILES) or any(checkpoints(out, complete=False))
+
+
+def ownership_errors(out: Path, settings: dict, resume: bool, overwrite: bool) -> list:
+    """Problems with starting into `out` (one line each): a run there needs --resume or --overwrite, and a
+    --resume must keep the DEFINING settings of args.json."""
+    if resume and overwrite:
+        return ["--resume and --overwrite contradict each other: choose one"]
+    if not out.is_dir() or overwrite:
+        return []
+    if not resume:
+        held = holds_run(out)
+        return [f"--out {out} holds a run: --resume continues it, --overwrite replaces it, or choose another --out"] * held
+    saved = out / "args.json"
+    if not saved.is_file():
+        return []
+    before = json.loads(saved.read_text())
+    changed = [k for k in DEFINING if k in before and _same(before[k]) != _same(settings.get(k))]
+    return [f"--resume with other settings than the run in {out}: " + ", ".join(
+        f"{k} {before[k]!r} -> {settings.get(k)!r}" for k in changed) + " (start a new --out instead)"] if changed else []
+
+
+def _same(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def start(out: Path, settings: dict, resume: bool, iteration: int):
+    """args.json for a new run; for a --resume, a line of resumes.jsonl instead (the run keeps its own
+    record); metrics.jsonl cut back to what the checkpoint continued from has seen."""
+    if (out / "args.json").exists() and resume:
+        with open(out / "resumes.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": iteration, "args": settings}) + "\n")
+    else:
+        (out / "args.json").write_text(json.dumps(settings, indent=1))
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        keep = [line for line in metrics.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
+        metrics.write_text("".join(line + "\n" for line in keep))
+
+
+def append(out: Path, record: dict):
+    """One iteration's record: a line of metrics.jsonl, and the reward curve redrawn (report/figures.py)."""
+    from report.figures import plot_curve
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    plot_curve(out / "metrics.jsonl", out / "reward_curve.png")
+
+
+def take_lock(out: Path):
+    """Rank 0: an exclusive lock on out/.lock for the life of the process; SystemExit if another run holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise SystemExit(f"train.py: --out {out} is in use by another run (pid {handle.read().strip() or '?'}); "
+                         "wait for it or choose another --out")
+    handle.seek(0), handle.truncate(), handle.write(str(os.getpid())), handle.flush()
+    return handle  # keep it referenced: closing it releases the lock
+
+
+def clear(out: Path):
+    """--overwrite: remove the previous run's files (the prompt cache stays: it depends on the prompts only)."""
+    for name in RUN_FILES:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in list(checkpoints(out, complete=False)) + list(out.glob("samples_*.png")):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def checkpoints(out: Path, complete: bool = True) -> list:
+    """ckpt_* folders, oldest first; complete=True: only those whose every file is whole (problems())."""
+    found = sorted(p for p in Path(out).glob("ckpt_*") if p.is_dir())
+    return [p for p in found if not problems(p)] if complete else found
+
+
+def problems(ckpt: Path) -> str:
+    """'' when the checkpoint folder is whole, else what is wrong: a .tmp folder (interrupted), no state.json,
+    unreadable DCP metadata, a file shorter than the metadata says (truncated), a missing rng file."""
+    if ckpt.name.endswith(".tmp"):
+        return "unfinished (.tmp)"
+    if not (ckpt / "state.json").is_file():
+        return "no state.json"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+        meta = FileSystemReader(str(ckpt)).read_metadata()
+        state = json.loads((ckpt / "state.json").read_text())
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata makes the folder unusable
+        return f"unreadable metadata ({type(e).__name__}: {e})"
+    need = {}
+    for info in meta.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        have = (ckpt / name).stat().st_size if (ckpt / name).is_file() else -1
+        if have < size:
+            return f"{name} is {'missing' if have < 0 else f'truncated ({have} of {size} bytes)'}"
+    for r in range(state.get("world_size", 1)):
+        if not (ckpt / f"rng_{r}.pt").is_file():
+            return f"rng_{r}.pt is missing"
+    return ""
+
+
+def prune(out: Path, keep: int):
+    """Delete all but the newest `keep` complete checkpoints (and any older unfinished one)."""
+    done = checkpoints(out)
+    for path in done[:-keep] + [p for p in checkpoints(out, complete=False) if p not in done and done
+                                and p.name < done[-1].name]:
+        shutil.rmtree(path, ignore_errors=True)
