@@ -76,3 +76,11 @@ def test_rescore_scores_the_baselines_own_states():
     for grp in ro.groups:
         n = v.evals
         assert torch.equal(rollout.rescore(v, grp, ro.sigmas, 0.7), grp.log_prob) and v.evals - n == G
+
+
+def test_one_step_trajectory_has_finite_log_probs():
+    """T = 1: the only SDE step runs from t = 1 to t = 0; its std is eta (the reference's t = 1 rule), not 0."""
+    x_T = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(0))
+    ro = grpo.trajectory_rollout(CountingVelocity(), x_T, sde.sigma_grid(1), 3, [0], eta=0.7,
+                                 generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(ro.groups[0].log_prob).all() and torch.isfinite(ro.groups[0].images[1]).all()
