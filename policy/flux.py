@@ -91,7 +91,7 @@ class FluxPolicy:
         """Load a local diffusers FLUX folder. Unset options come from its g2rpo.json, else DEFAULTS."""
         root = Path(path)
         hint = (f"expected a local diffusers FLUX folder as FluxPipeline.save_pretrained writes it "
-                f"({LAYOUT}); download black-forest-labs/FLUX.1-dev there, or save the toy model (toy.py)")
+                f"({LAYOUT}); download black-forest-labs/FLUX.1-dev there, or write the toy model (python -m toy)")
         if not (root / "model_index.json").is_file():
             what = "has no model_index.json" if root.is_dir() else "does not exist"
             raise FileNotFoundError(f"FLUX model folder {root} {what}: {hint}")

@@ -229,10 +229,10 @@ def config_from_state(state: dict, med_config: dict = None) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
-# the metric: reward interface of rewards.py
+# the metric: reward interface of rewards/__init__.py
 # ---------------------------------------------------------------------------------------------
 class ImageReward:
-    """`score(images (B, 3, H, W) in [0, 1], prompts) -> (B,) float32`, like the rewards of rewards.py."""
+    """`score(images (B, 3, H, W) in [0, 1], prompts) -> (B,) float32`, like the rewards of rewards/clip.py."""
 
     name = "imagereward"
 

@@ -195,7 +195,7 @@ class LocalJudge:
 
 
 # ---------------------------------------------------------------------------------------------
-# the metric: reward interface of rewards.py
+# the metric: reward interface of rewards/__init__.py
 # ---------------------------------------------------------------------------------------------
 class UnifiedReward:
     """`score(images (B, 3, H, W) in [0, 1], prompts) -> (B,) float32` in [1, 5]. strict=False: NaN for a reply

@@ -1,4 +1,4 @@
-"""flux.py against diffusers' own FluxPipeline, on a tiny random FLUX saved to disk and loaded back."""
+"""policy/flux.py against diffusers' own FluxPipeline, on a tiny random FLUX saved to disk and loaded back."""
 import json
 import os
 import shutil

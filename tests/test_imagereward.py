@@ -1,6 +1,6 @@
-"""imagereward.py on tiny random weights written in ImageReward.pt's own key layout.
+"""rewards/imagereward.py on tiny random weights written in ImageReward.pt's own key layout.
 
-The weights, images and prompts below are made by seeded formulas that do not use imagereward.py. GOLDEN holds
+The weights, images and prompts below are made by seeded formulas that do not use rewards/imagereward.py. GOLDEN holds
 the scores that the original `image-reward` 1.5 package's own modules (its BLIP ViT, its BLIP BERT with
 cross-attention, its MLP and its `ImageReward.score`, run beside timm 0.6.13 and transformers 4.46 outside this
 project) gave for exactly these weights, images and prompts. The tests load the same weights through the real

@@ -1,4 +1,4 @@
-"""rewards.py: HPS's transform against an independent PIL reference, the three scores against
+"""rewards/clip.py and the registry (rewards/__init__.py): HPS's transform against an independent PIL reference, the three scores against
 hand computations on tiny random models loaded through the real path-based loaders, the
 text-feature cache and the registry. No weights are downloaded."""
 import dataclasses

@@ -1,4 +1,4 @@
-"""toy.py: the world, its rule-based rewards, and the tiny base model's save / reload round trip."""
+"""The toy/ package: the world, its rule-based rewards, and the tiny base model's save / reload round trip."""
 import dataclasses
 import json
 from pathlib import Path

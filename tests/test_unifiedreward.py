@@ -1,4 +1,4 @@
-"""unifiedreward.py: the score parser, the HTTP route against a real OpenAI-format server on 127.0.0.1 (started
+"""rewards/unifiedreward.py: the score parser, the HTTP route against a real OpenAI-format server on 127.0.0.1 (started
 here, answering from the PNG it receives), and the local route on a tiny random Qwen2.5-VL saved and loaded by
 path. Every request loop is bounded (a handful of requests, short timeouts)."""
 import base64

@@ -1,4 +1,4 @@
-"""A tiny FLUX.1 (same classes, random weights, in-memory vocabularies) for the tests of flux.py.
+"""A tiny FLUX.1 (same classes, random weights, in-memory vocabularies) for the tests of policy/flux.py.
 
 save_tiny_flux(path) writes it in the layout FluxPipeline.save_pretrained gives the real model.
 """

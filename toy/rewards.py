@@ -81,7 +81,7 @@ def shape_quality(images, prompts=None):
 
 
 class ToyReward:
-    """The reward interface of rewards.py: `name`, `score(images, prompts) -> (B,) float32`."""
+    """The reward interface of rewards/__init__.py: `name`, `score(images, prompts) -> (B,) float32`."""
 
     def __init__(self, name, fn):
         self.name, self._fn = name, fn
