@@ -33,6 +33,7 @@ import torch.distributed as dist
 import transformers
 import tyro
 
+from data.prompts import prompt_file_errors, read_prompts
 from policy.flux import FluxPolicy, fingerprint_files, sample
 from report import runs
 from report.files import load_png, save_png, write_text
@@ -144,7 +145,9 @@ def load_policy(ref: ModelRef, a: Args, device, dtype, cache_dir):
 def load_prompts(a: Args, toy_world: bool):
     """(prompts, groups): the lines of --prompts, or the toy world's train then held-out prompts."""
     if a.prompts:
-        prompts = [l.strip() for l in open(a.prompts, encoding="utf-8") if l.strip()]
+        if errors := prompt_file_errors(a.prompts):  # missing, not UTF-8 text, or no prompt in it
+            raise SystemExit("evaluate.py: " + errors[0])
+        prompts = read_prompts(a.prompts)
         return prompts, [""] * len(prompts)
     if not toy_world:
         raise SystemExit("evaluate.py: --prompts FILE is required with FLUX models (the HPDv2 test prompts)")

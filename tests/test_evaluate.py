@@ -284,3 +284,11 @@ def test_toy_evaluation_end_to_end(world, tmp_path, capsys):
     for m, s in res["metrics"].items():
         assert s["images"] == 240 and s["low"] < s["mean"] < s["high"], m
     assert "| tiny · held-out |" in out and "(n = 60; train: 48; held-out: 12)" in out
+
+
+def test_a_bad_prompt_file_is_named_before_any_work(tmp_path):
+    for content, msg in ((b"\xff\xfe\x00bad", "not a UTF-8 text file"), (b"\n  \n", "holds no prompt")):
+        f = tmp_path / "prompts.txt"
+        f.write_bytes(content)
+        with pytest.raises(SystemExit, match=f"--prompts {f}: {msg}"):
+            evaluate.load_prompts(evaluate.Args(prompts=str(f)), toy_world=False)
