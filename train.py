@@ -281,10 +281,11 @@ def load_checkpoint(out: Path, model, optim, rank: int):
     A newer folder that is not whole (truncated, unfinished) is named and passed over."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    done = trainrun.checkpoints(out)
-    for bad in (p for p in trainrun.checkpoints(out, complete=False) if not done or p.name > done[-1].name):
-        if rank == 0:
-            print(f"train.py: checkpoint {bad} is not usable ({trainrun.problems(bad)}); "
+    found = trainrun.scan(out)
+    done = [p for p, why in found.items() if not why]
+    for bad, why in found.items():
+        if why and (not done or bad.name > done[-1].name) and rank == 0:
+            print(f"train.py: checkpoint {bad} is not usable ({why}); "
                   f"{'resuming from ' + str(done[-1]) if done else 'no complete checkpoint: starting at 0'}",
                   file=sys.stderr, flush=True)
     if not done:
@@ -505,28 +506,50 @@ def set_up(a: Args, rank: int, world: int, device) -> Run:
     return Run(policy, model, optim, rewards, sampler, plan, start, model_dir, (grid_prompts, marked))
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    is_main, out = os.environ.get("RANK", "0") == "0", Path(a.out)
-    try:  # every problem with the arguments or the run folder, before any work, printed by rank 0 only
+def check_all(a: Args, is_main: bool):
+    """Every problem with the arguments or the run folder, before any work; printed once, by rank 0."""
+    try:
         check_args(a)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if errors := trainrun.ownership_errors(out, {**asdict(a), "world_size": world}, a.resume, a.overwrite):
+        if errors := trainrun.ownership_errors(Path(a.out), {**asdict(a), "world_size": world}, a.resume, a.overwrite):
             raise SystemExit("train.py: " + "\n  ".join(errors))
     except SystemExit as e:
         raise SystemExit(e.code if is_main else 1) from None
+
+
+def stop(message: str, is_main: bool):
+    """End every rank with exit status 1; rank 0 says why."""
+    dist.destroy_process_group()
+    raise SystemExit(f"train.py: {message}" if is_main else 1)
+
+
+def quiet():
+    """Silence what is known to be harmless, so that the progress bar and real warnings stay visible."""
+    import warnings
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()  # weight-loading bars
+    transformers.utils.logging.disable_progress_bar()
+    # FSDP2 warns that the transformer returns a view; an in-place op on it would skip a hook, but
+    # FluxPolicy.velocity only ever copies it (.float()) before anything else touches it
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    is_main, out = os.environ.get("RANK", "0") == "0", Path(a.out)
+    check_all(a, is_main)
     quiet()
     rank, world, device = setup_distributed(a.device)
-    lock = trainrun.take_lock(out) if is_main else None  # noqa: F841 - held until the process ends
-    if is_main and a.overwrite:
-        trainrun.clear(out)
+    lock = trainrun.take_lock(out, overwrite=a.overwrite) if is_main else None  # noqa: F841 - held until exit
     dist.barrier()
     r = set_up(a, rank, world, device)
     model, optim, plan, meter = r.model, r.optim, r.plan, GatherMeter()
     if is_main:
         start_log(a, plan, world, device, out, r.start)
-    ok = write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main) if r.start == 0 else True
-    sampled_at = r.start if r.start == 0 else None  # iteration of the last sample grid (the same on every rank)
+    if r.start == 0:
+        write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main)
+    ok, sampled_at = True, None  # the last checkpoint's sample grid: finite, and at which iteration
     bar = tqdm(range(r.start, a.iterations), initial=r.start, total=a.iterations, disable=not is_main, dynamic_ncols=True)
     idle = 0  # iterations in a row without an update
 
@@ -558,7 +581,8 @@ def main(argv=None):
                  "run has diverged and nothing is exported; lower --lr, or --resume from an earlier checkpoint", is_main)
         if a.checkpoint_every and (it + 1) % a.checkpoint_every == 0:
             save_checkpoint(out, it + 1, model, optim, r.sampler.position, rank)
-            trainrun.prune(out, a.keep_checkpoints) if is_main else None
+            if is_main:
+                trainrun.prune(out, a.keep_checkpoints)
             ok, sampled_at = write_samples(r.policy, *r.grid, a, out / f"samples_{it + 1:06d}.png", is_main), it + 1
     if sampled_at != a.iterations:  # the final model's samples: a diverged model samples non-finite images
         ok = write_samples(r.policy, *r.grid, a, out / f"samples_{a.iterations:06d}.png", is_main)
@@ -568,24 +592,6 @@ def main(argv=None):
         export_model(out, model, r.model_dir, rank)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def stop(message: str, is_main: bool):
-    """End every rank with exit status 1; rank 0 says why."""
-    dist.destroy_process_group()
-    raise SystemExit(f"train.py: {message}" if is_main else 1)
-
-
-def quiet():
-    """Silence what is known to be harmless, so that the progress bar and real warnings stay visible."""
-    import warnings
-    import diffusers
-    import transformers
-    diffusers.utils.logging.disable_progress_bar()  # weight-loading bars
-    transformers.utils.logging.disable_progress_bar()
-    # FSDP2 warns that the transformer returns a view; an in-place op on it would skip a hook, but
-    # FluxPolicy.velocity only ever copies it (.float()) before anything else touches it
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ fingerprint of the encoders, the max length, the dtype and the prompt) and frees
 import gc
 import hashlib
 import json
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,8 +269,6 @@ def save_model_folder(path, state_dict, config, model_dir):
     """Write a model folder at `path`: `model_dir` with its transformer replaced by one of `config` holding
     `state_dict` (diffusers format); the other components are symlinked. FluxPipeline and
     FluxPolicy.from_pretrained load it. Written beside as path.tmp, then renamed."""
-    import os
-    import shutil
     path, model_dir = Path(path), Path(model_dir)
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ DEFINING = ("model", "algo", "reward", "prompts", "prompts_per_rank", "G", "T", 
 
 
 def holds_run(out: Path) -> bool:
-    return any((out / f).exists() for f in RUN_FILES) or any(checkpoints(out, complete=False))
+    return any((out / f).exists() for f in RUN_FILES) or bool(scan(out))
 
 
 def ownership_errors(out: Path, settings: dict, resume: bool, overwrite: bool) -> list:
@@ -74,8 +74,9 @@ def append(out: Path, record: dict):
     plot_curve(out / "metrics.jsonl", out / "reward_curve.png")
 
 
-def take_lock(out: Path):
-    """Rank 0: an exclusive lock on out/.lock for the life of the process; SystemExit if another run holds it."""
+def take_lock(out: Path, overwrite: bool = False):
+    """Rank 0: an exclusive lock on out/.lock for the life of the process; SystemExit if another run holds it.
+    overwrite=True: then remove the previous run's files (clear), under the lock."""
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / ".lock", "a+")
     try:
@@ -85,22 +86,24 @@ def take_lock(out: Path):
         raise SystemExit(f"train.py: --out {out} is in use by another run (pid {handle.read().strip() or '?'}); "
                          "wait for it or choose another --out")
     handle.seek(0), handle.truncate(), handle.write(str(os.getpid())), handle.flush()
+    if overwrite:
+        clear(out)
     return handle  # keep it referenced: closing it releases the lock
 
 
 def clear(out: Path):
     """--overwrite: remove the previous run's files (the prompt cache stays: it depends on the prompts only)."""
-    for name in RUN_FILES:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    for path in list(checkpoints(out, complete=False)) + list(out.glob("samples_*.png")):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    paths = [out / name for name in RUN_FILES] + list(scan(out)) + list(out.glob("samples_*.png"))
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
-def checkpoints(out: Path, complete: bool = True) -> list:
-    """ckpt_* folders, oldest first; complete=True: only those whose every file is whole (problems())."""
-    found = sorted(p for p in Path(out).glob("ckpt_*") if p.is_dir())
-    return [p for p in found if not problems(p)] if complete else found
+def scan(out: Path) -> dict:
+    """ckpt_* folder -> '' if it is whole, else what is wrong with it (problems()); oldest first."""
+    return {p: problems(p) for p in sorted(Path(out).glob("ckpt_*")) if p.is_dir()}
 
 
 def problems(ckpt: Path) -> str:
@@ -130,8 +133,9 @@ def problems(ckpt: Path) -> str:
 
 
 def prune(out: Path, keep: int):
-    """Delete all but the newest `keep` complete checkpoints (and any older unfinished one)."""
-    done = checkpoints(out)
-    for path in done[:-keep] + [p for p in checkpoints(out, complete=False) if p not in done and done
-                                and p.name < done[-1].name]:
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete all but the newest `keep` whole checkpoints, and any broken one older than the newest whole one."""
+    found = scan(out)
+    whole = [p for p, why in found.items() if not why]
+    for path in found:
+        if whole and path.name < whole[-1].name and path not in whole[-keep:]:
+            shutil.rmtree(path, ignore_errors=True)

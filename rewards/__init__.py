@@ -111,12 +111,22 @@ def needs(name: str, options: dict) -> str:
     return " or ".join(" and ".join(map(flag, alt)) for alt in spec.needs) + f" ({spec.origin})"
 
 
+def spec_names(spec: str) -> list:
+    """'hps+clip' -> ['hps', 'clip']; ValueError for an empty name or a name given twice."""
+    names = [n.strip() for n in spec.split("+")]
+    if "" in names or len(set(names)) != len(names):
+        raise ValueError(f"{spec!r}: give distinct reward names joined by '+', e.g. hps+clip (a name is empty "
+                         "or given twice)")
+    return names
+
+
 def reward_spec_errors(spec: str, options: dict) -> list:
     """One line per problem of a reward spec ('hps+clip') with the given options, without loading anything:
     an empty or repeated name, an unknown one, a file it needs that is not given or does not exist."""
-    names = [n.strip() for n in spec.split("+")]
-    if "" in names or len(set(names)) != len(names):
-        return [f"{spec!r}: give distinct reward names joined by '+', e.g. hps+clip"]
+    try:
+        names = spec_names(spec)
+    except ValueError as e:
+        return [str(e)]
     errors = []
     for name in names:
         try:
@@ -133,11 +143,8 @@ def load_rewards(spec: str, device="cpu", dtype=None, **options) -> list:
     (None or '' = not given). dtype: None = each reward's own default (float32 for the CLIP family)."""
     if set(options) - OPTIONS:
         raise TypeError(f"unknown reward option(s) {sorted(set(options) - OPTIONS)}; valid: {sorted(OPTIONS)}")
-    names = [n.strip() for n in spec.split("+")]
-    if len(set(names)) != len(names):
-        raise ValueError(f"reward spec {spec!r} names a reward twice")
     rewards = []
-    for name in names:
+    for name in spec_names(spec):
         entry = lookup(name)
         if missing := needs(name, options):
             raise ValueError(f"reward '{name}' needs {missing}")
