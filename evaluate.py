@@ -35,6 +35,7 @@ import tyro
 
 from data.prompts import prompt_file_errors, read_prompts
 from policy.flux import FluxPolicy, fingerprint_files, sample
+from policy.lora import add_lora, base_of, is_lora_folder, load_lora
 from report import runs
 from report.files import load_png, save_png, write_text
 from report.tables import compare, render_table
@@ -50,7 +51,7 @@ class Args:
     prompt and batches of 16."""
     model: list[str] = field(default_factory=list)  # model folders, train.py outputs (final/, ckpt_XXXXXX/) or 'toy'
     names: list[str] = field(default_factory=list)  # one label per model (empty: from its path)
-    base: str = ""  # base model under a checkpoint (empty: 'model' in <train out>/args.json)
+    base: str = ""  # base model under a checkpoint or LoRA adapter (empty: its args.json or lora.json)
     prompts: str = ""  # prompt file, one per line (the HPDv2 test split); empty: the toy prompts
     out: str = "runs/eval"  # output folder: <out>/<name>/ per model, comparison.md and grid.png
     steps: int = 16  # ODE sampling steps T (Table 3: 10, 16, 20)
@@ -106,6 +107,8 @@ class ModelRef:
     folder: Path  # diffusers folder for FluxPolicy.from_pretrained
     checkpoint: Path = None  # train.py DCP checkpoint read over the folder's transformer
     toy: bool = False
+    lora: Path = None  # a LoRA adapter folder (diffusers format) loaded onto the folder's transformer
+    lora_args: dict = None  # a LoRA run's settings, for its DCP checkpoints (adapter weights only)
 
 
 def resolve_model(spec: str, base: str = "") -> ModelRef:
@@ -115,11 +118,19 @@ def resolve_model(spec: str, base: str = "") -> ModelRef:
     p = Path(spec)
     if (p / ".metadata").is_file():  # a torch.distributed.checkpoint folder written by train.py
         args = p.parent / "args.json"
-        under = base or (json.loads(args.read_text()).get("model", "") if args.is_file() else None)
+        run = json.loads(args.read_text()) if args.is_file() else {}
+        under = base or (run.get("model", "") if args.is_file() else None)
         if under is None:
             raise SystemExit(f"evaluate.py: checkpoint {p} has no {args} naming its base model: pass --base")
         ref = resolve_model(under or "toy")
-        return ModelRef(f"{p.parent.name}-{p.name}", ref.folder, p, ref.toy)
+        lora_run = run if run.get("lora_rank") else None
+        return ModelRef(f"{p.parent.name}-{p.name}", ref.folder, p, ref.toy, lora_args=lora_run)
+    if is_lora_folder(p):  # train.py --lora-rank's export: the base model + this adapter
+        under = base or base_of(p)
+        if not under:
+            raise SystemExit(f"evaluate.py: adapter {p} names no base model (lora.json): pass --base MODEL_FOLDER")
+        ref = resolve_model(under)
+        return ModelRef(f"{p.parent.name}-{p.name}" if p.name == "final" else p.name, ref.folder, None, ref.toy, p)
     if (p / "model_index.json").is_file():
         return ModelRef(f"{p.parent.name}-{p.name}" if p.name == "final" else p.name, p, None,
                         (p / "toy.json").is_file())
@@ -132,9 +143,15 @@ def load_policy(ref: ModelRef, a: Args, device, dtype, cache_dir):
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
     policy = FluxPolicy.from_pretrained(ref.folder, device=device, dtype=dtype, guidance=a.guidance,
                                         cache_dir=cache_dir, **dims)
+    if ref.lora:
+        load_lora(policy.transformer, ref.lora)
+    if ref.lora_args:  # a LoRA run's checkpoint holds the adapter only: add it, then read it
+        r = ref.lora_args
+        add_lora(policy.transformer, r["lora_rank"], r["lora_alpha"], r["lora_targets"])
     if ref.checkpoint:
         import torch.distributed.checkpoint as dcp
-        state = policy.transformer.state_dict()  # the parameters themselves: read in place, cast to dtype
+        state = {k: v for k, v in policy.transformer.state_dict().items()  # the parameters themselves: read in
+                 if not ref.lora_args or ".lora_" in k}  # place, cast to dtype
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load({"model": state}, checkpoint_id=str(ref.checkpoint), no_dist=True)
@@ -199,9 +216,10 @@ class Context:
 # ------------------------------------------------------------------------------------------------
 def start_run(ref: ModelRef, ctx: Context, run: Path) -> dict:
     """Write run/manifest.json (refused if the folder holds images of other settings, prompts or weights)."""
-    weights = fingerprint_files([ref.folder / "transformer"] + ([ref.checkpoint] if ref.checkpoint else []))
+    extra = [p for p in (ref.checkpoint, ref.lora) if p]
+    weights = fingerprint_files([ref.folder / "transformer"] + extra)
     model = {"folder": str(ref.folder), "checkpoint": ref.checkpoint and str(ref.checkpoint),
-             "fingerprint": weights[:16]}
+             **({"lora": str(ref.lora)} if ref.lora else {}), "fingerprint": weights[:16]}
     manifest = {"name": ref.name, "model": model, "settings": ctx.settings, "images": [asdict(it) for it in ctx.items]}
     runs.check_manifest(run, manifest)  # every rank checks, so all of them stop together
     barrier(ctx.world)

@@ -30,6 +30,7 @@ from advantage import mixed_advantage
 from baselines.grpo import ALGOS as BASELINES, PRESETS as BASELINE_PRESETS, TrajectoryGRPO
 from data.prompts import PromptSampler, future_prompts, prompt_file_errors, read_prompts
 from loss import g2rpo_loss
+from policy.lora import TARGETS as LORA_TARGETS, add_lora, trainable
 from report import trainrun
 from rewards import RewardOptions, load_rewards, reward_spec_errors
 from rollout import default_sde_steps, predicted_evaluations, rescore, singular_rollout, stack_images
@@ -74,6 +75,9 @@ class Args:
     sampler_seed: int = 1223627  # prompt sampler seed
     mixed_precision: Literal["bf16", "fp32"] = "bf16"  # bf16 (fp32 master weights, bf16 compute) or fp32
     activation_checkpointing: bool = False  # recompute transformer blocks in backward
+    lora_rank: int = 0  # LoRA rank (policy/lora.py): train adapters only, base frozen (bf16 under bf16); 0: full fine-tuning
+    lora_alpha: float = 0.0  # LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank)
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # module names (suffixes) that get adapters
     height: int = 0  # image height (0: the model folder's default, 720 for FLUX in the paper)
     width: int = 0  # image width (0: the model folder's default)
     checkpoint_every: int = 50  # iterations between sharded checkpoints (0: never)
@@ -125,10 +129,12 @@ def check_args(a: Args):
         need(math.isfinite(val) and val > 0, f"--{flag} {val}: must be a finite number > 0")
     need(a.clip_range < 1, f"--clip-range {a.clip_range}: must be < 1 (the ratio is clipped to [1 - eps, 1 + eps])")
     need(math.isfinite(a.weight_decay) and a.weight_decay >= 0, f"--weight-decay {a.weight_decay}: must be >= 0")
+    need(math.isfinite(a.lora_alpha) and a.lora_alpha >= 0, f"--lora-alpha {a.lora_alpha}: must be >= 0 (0: = rank)")
+    need(not a.lora_rank or a.lora_targets, "--lora-targets: give at least one module name, e.g. attn.to_q")
     for flag, val, low in (("iterations", a.iterations, 1), ("prompts-per-rank", a.prompts_per_rank, 1),
                            ("checkpoint-every", a.checkpoint_every, 0), ("keep-checkpoints", a.keep_checkpoints, 1),
                            ("max-skipped", a.max_skipped, 1), ("num-samples", a.num_samples, 0),
-                           ("height", a.height, 0), ("width", a.width, 0)):
+                           ("height", a.height, 0), ("width", a.width, 0), ("lora-rank", a.lora_rank, 0)):
         need(val >= low, f"--{flag} {val}: must be >= {low}")
     if a.algo in BASELINES:
         need(a.Lambda == (1,) and not a.sde_steps, f"--algo {a.algo} scores one image per trajectory and plans its "
@@ -258,12 +264,20 @@ def clip_and_step(model, optim, a, device):
     return norm.item(), ok
 
 
+def trained_only(strict=True):
+    """Checkpoints hold the trained parameters and their optimizer state: all of them in full fine-tuning,
+    the adapters under LoRA (the frozen base is the model folder's, so loading does not ask for it; a
+    trained parameter missing from the checkpoint still stops dcp.load)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
 def save_checkpoint(out: Path, it: int, model, optim, sampler_state, rank: int):
     """Sharded DCP checkpoint, written to a temp folder and renamed when every rank is done."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final, tmp = out / f"ckpt_{it:06d}", out / f"ckpt_{it:06d}.tmp"
-    msd, osd = get_state_dict(model, optim)
+    msd, osd = get_state_dict(model, optim, options=trained_only())
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -290,10 +304,11 @@ def load_checkpoint(out: Path, model, optim, rank: int):
                   file=sys.stderr, flush=True)
     if not done:
         return 0, None
-    msd, osd = get_state_dict(model, optim)
+    msd, osd = get_state_dict(model, optim, options=trained_only())
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(done[-1]))
-    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=trained_only(strict=False))
     rng = torch.load(done[-1] / f"rng_{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
     if rng["cuda"] is not None:
@@ -302,13 +317,16 @@ def load_checkpoint(out: Path, model, optim, rank: int):
     return meta["iteration"], meta["sampler"]
 
 
-def export_model(out: Path, model, model_dir: Path, rank: int):
-    """out/final: the model folder with the trained transformer (policy.flux.save_model_folder)."""
+def export_model(path: Path, model, model_dir: Path, rank: int, lora: bool):
+    """The trained transformer as a model folder (policy.flux.save_model_folder), or under LoRA the adapter
+    in diffusers' LoRA format (policy.lora.save_lora), at `path`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from policy.flux import save_model_folder
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from policy.lora import save_lora
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=lora))
     if rank == 0:
-        save_model_folder(out / "final", sd, model.config, model_dir)
+        save_lora(path, sd, model, model_dir) if lora else save_model_folder(path, sd, model.config, model_dir)
     dist.barrier()
 
 
@@ -447,12 +465,13 @@ def peak_memory_gb(device) -> float:
     return peak / 2**30
 
 
-def start_log(a, plan, world, device, out, start):
+def start_log(a, plan, world, device, out, start, n_trained):
     """Rank 0: the derived numbers of this run; args.json (or resumes.jsonl) and metrics.jsonl (trainrun)."""
     P = world * a.prompts_per_rank
     print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
           f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals} in {plan.calls} batched "
-          f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | device {device}", flush=True)
+          f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | trained parameters {n_trained:,}"
+          f"{f' (LoRA rank {a.lora_rank})' if a.lora_rank else ''} | device {device}", flush=True)
     trainrun.start(out, {**asdict(a), "world_size": world}, a.resume, start)
 
 
@@ -490,12 +509,16 @@ def set_up(a: Args, rank: int, world: int, device) -> Run:
     torch.manual_seed(a.seed + rank), random.seed(a.seed + rank), np.random.seed(a.seed + rank)
     model_dir, prompts, grid_prompts, marked = load_world(a, rank)
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
-    policy = FluxPolicy.from_pretrained(model_dir, device=device, dtype=torch.float32, cache_dir=out / "prompt_cache",
-                                        embed_dtype=torch.bfloat16 if a.mixed_precision == "bf16" else None, **dims)
+    bf16 = a.mixed_precision == "bf16"
+    base_dtype = torch.bfloat16 if a.lora_rank and bf16 else torch.float32  # a frozen base needs no fp32 master
+    policy = FluxPolicy.from_pretrained(model_dir, device=device, dtype=base_dtype, cache_dir=out / "prompt_cache",
+                                        embed_dtype=torch.bfloat16 if bf16 else None, **dims)
+    if a.lora_rank:  # adapters in fp32, the base frozen (policy/lora.py)
+        add_lora(policy.transformer, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
     rewards = load_rewards(a.reward, device=device, **asdict(a.rewards))
     model = shard_model(policy.transformer, device, a.mixed_precision, a.activation_checkpointing)
     model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    optim = torch.optim.AdamW(trainable(model), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     sampler = PromptSampler(prompts, a.sampler_seed, rank, world, a.prompts_per_rank)
     start, position = load_checkpoint(out, model, optim, rank) if a.resume else (0, 0)
     sampler.position = position or 0
@@ -546,7 +569,7 @@ def main(argv=None):
     r = set_up(a, rank, world, device)
     model, optim, plan, meter = r.model, r.optim, r.plan, GatherMeter()
     if is_main:
-        start_log(a, plan, world, device, out, r.start)
+        start_log(a, plan, world, device, out, r.start, sum(p.numel() for p in trainable(model)))
     if r.start == 0:
         write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main)
     ok, sampled_at = True, None  # the last checkpoint's sample grid: finite, and at which iteration
@@ -589,7 +612,7 @@ def main(argv=None):
     if not ok:
         stop("the trained model samples non-finite images: the run has diverged and is not exported", is_main)
     if a.export:
-        export_model(out, model, r.model_dir, rank)
+        export_model(out / "final", model, r.model_dir, rank, bool(a.lora_rank))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -22,7 +22,7 @@ RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "reward_curve.png", 
 DEFINING = ("model", "algo", "reward", "prompts", "prompts_per_rank", "G", "T", "eta", "schedule", "shift", "Lambda",
             "sde_steps", "fine_first", "train_fraction", "window", "window_shift_every", "lr", "weight_decay",
             "max_grad_norm", "clip_range", "adv_clip", "step_per_k", "seed", "sampler_seed", "mixed_precision",
-            "height", "width", "world_size")
+            "height", "width", "world_size", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def holds_run(out: Path) -> bool:

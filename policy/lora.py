@@ -1,0 +1,95 @@
+"""LoRA adapters on the FLUX transformer (peft, through diffusers' own adapter support).
+
+    W x  ->  W x + (alpha / r) B A x        W frozen (bf16 under --mixed-precision bf16), A, B trained in fp32
+
+B starts at zero, so the adapted policy starts as the base policy: the first rollout and the first
+re-scoring are the base model's, exactly as in full fine-tuning. The export is diffusers' LoRA format
+(pytorch_lora_weights.safetensors, with the adapter's rank and alpha in its metadata), which
+FluxPipeline.load_lora_weights reads; lora.json beside it names the base model folder.
+
+The default targets are those of diffusers' FLUX DreamBooth-LoRA script: the attention projections of
+both streams (single blocks included: their attn.to_q/k/v) and the feed-forward layers of the double blocks.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+           "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+           "ff_context.net.2")
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def lora_config(rank: int, alpha: float = 0, targets=TARGETS):
+    """peft LoraConfig; alpha 0 means alpha = rank (scale 1)."""
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
+
+
+def add_lora(transformer, rank: int, alpha: float = 0, targets=TARGETS, seed: int = 0):
+    """Add an adapter in place: only its A, B matrices train, in float32; every other weight is frozen.
+    A's random init comes from `seed` alone, so that every rank of a sharded run builds the same adapter.
+    Returns the number of trainable parameters."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(lora_config(rank, alpha, targets))
+    n = 0
+    for name, p in transformer.named_parameters():
+        is_lora = ".lora_" in name
+        p.requires_grad_(is_lora)
+        if is_lora:
+            p.data = p.data.float()
+            n += p.numel()
+    if n == 0:
+        raise ValueError(f"LoRA targets {list(targets)} match no module of the transformer")
+    return n
+
+
+def is_lora_folder(path) -> bool:
+    return (Path(path) / WEIGHTS).is_file()
+
+
+def save_lora(path, state_dict: dict, transformer, base_dir):
+    """Write the adapter of `transformer` (its full, unsharded `state_dict`, adapter keys as named in the
+    module) to the folder `path` in diffusers' LoRA format; lora.json names `base_dir`. Written beside as
+    path.tmp, then renamed."""
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    layers = get_peft_model_state_dict(transformer, state_dict=state_dict)
+    config = transformer.peft_config["default"].to_dict()
+    config["target_modules"] = sorted(config["target_modules"])  # a set in peft: not JSON
+    FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
+    (tmp / "lora.json").write_text(json.dumps({"base": str(Path(base_dir).resolve()), "rank": config["r"],
+                                               "alpha": config["lora_alpha"]}))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def base_of(path) -> str:
+    """The base model folder an exported adapter was trained on ('' if not recorded)."""
+    meta = Path(path) / "lora.json"
+    return json.loads(meta.read_text()).get("base", "") if meta.is_file() else ""
+
+
+def load_lora(transformer, path):
+    """Load an exported adapter into `transformer` (the base model), in the transformer's dtype."""
+    transformer.load_lora_adapter(str(path), prefix="transformer", weight_name=WEIGHTS, adapter_name="default")
+    return transformer
+
+
+def trainable(model) -> list:
+    """The parameters the optimizer holds: all of them for full fine-tuning, the adapters' under LoRA."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def adapter_state(transformer) -> dict:
+    """{name: tensor} of the adapter weights only (for tests and comparisons)."""
+    return {k: v.detach().clone() for k, v in transformer.state_dict().items() if ".lora_" in k}
