@@ -30,6 +30,7 @@ from advantage import mixed_advantage
 from baselines.grpo import ALGOS as BASELINES, PRESETS as BASELINE_PRESETS, TrajectoryGRPO
 from data.prompts import PromptSampler, future_prompts, prompt_file_errors, read_prompts
 from loss import g2rpo_loss
+from guard.probes import Guard, probe_items, share
 from policy.lora import TARGETS as LORA_TARGETS, add_lora, trainable
 from report import trainrun
 from rewards import RewardOptions, load_rewards, reward_spec_errors
@@ -85,6 +86,14 @@ class Args:
     resume: bool = False  # continue from the latest complete checkpoint in --out (same settings)
     overwrite: bool = False  # clear a previous run in --out first (its prompt cache is kept)
     max_skipped: int = 5  # stop (exit 1) after this many iterations in a row without an update
+    probe_every: int = 0  # reward-hacking guard (guard/probes.py): iterations between probes (0: off)
+    probe_rewards: str = ""  # '+'-separated rewards NOT trained on, probed beside the trained one, e.g. clip+pickscore
+    probe_prompts: str = ""  # held-out prompt file for the probes (the small world: its held-out prompts)
+    probe_seeds: int = 2  # ODE images per probe prompt (seeds 0, 1, ...)
+    probe_tolerance: float = 0.05  # a reward not trained on has fallen when it is below its first probe - this
+    probe_patience: int = 0  # stop after this many probes in a row without a new best (0: never)
+    probe_stop: bool = False  # stop when a reward not trained on has fallen (default: warn and go on)
+    keep_best: bool = True  # export the best model by the guard's criterion to --out/best (with --probe-every)
     export: bool = True  # export the transformer in diffusers format at the end
     num_samples: int = 8  # images in the fixed-prompt sample grid
     device: str = ""  # cuda or cpu (empty: cuda if available)
@@ -93,7 +102,7 @@ class Args:
 PRESETS = {"paper": {},  # Table 4 = the dataclass defaults
            # the small world's demo (make demo: 2.5 min on 2 cores), chosen on G2RPO alone
            "toy": dict(reward="toy-adherence", iterations=50, G=8, T=8, lr=1e-4, weight_decay=0.0, clip_range=1e-2,
-                       mixed_precision="fp32", checkpoint_every=25)}
+                       mixed_precision="fp32", checkpoint_every=25, probe_every=10, probe_rewards="toy-clean+toy-shape")}
 ALGO_PRESETS = {"g2rpo-no-mgai": dict(Lambda=(1,)), **BASELINE_PRESETS}
 
 
@@ -134,7 +143,9 @@ def check_args(a: Args):
     for flag, val, low in (("iterations", a.iterations, 1), ("prompts-per-rank", a.prompts_per_rank, 1),
                            ("checkpoint-every", a.checkpoint_every, 0), ("keep-checkpoints", a.keep_checkpoints, 1),
                            ("max-skipped", a.max_skipped, 1), ("num-samples", a.num_samples, 0),
-                           ("height", a.height, 0), ("width", a.width, 0), ("lora-rank", a.lora_rank, 0)):
+                           ("height", a.height, 0), ("width", a.width, 0), ("lora-rank", a.lora_rank, 0),
+                           ("probe-every", a.probe_every, 0), ("probe-seeds", a.probe_seeds, 1),
+                           ("probe-patience", a.probe_patience, 0)):
         need(val >= low, f"--{flag} {val}: must be >= {low}")
     if a.algo in BASELINES:
         need(a.Lambda == (1,) and not a.sde_steps, f"--algo {a.algo} scores one image per trajectory and plans its "
@@ -156,6 +167,15 @@ def check_args(a: Args):
     if a.prompts:
         errors += prompt_file_errors(a.prompts)
     errors += [f"--reward {e}" for e in reward_spec_errors(a.reward, asdict(a.rewards))]
+    if a.probe_every:
+        need(math.isfinite(a.probe_tolerance) and a.probe_tolerance >= 0, f"--probe-tolerance {a.probe_tolerance}: >= 0")
+        need(not a.model or a.probe_prompts, "--probe-every with --model needs --probe-prompts FILE (held-out prompts)")
+        errors += prompt_file_errors(a.probe_prompts) if a.probe_prompts else []
+        if a.probe_rewards:
+            errors += [f"--probe-rewards {e}" for e in reward_spec_errors(a.probe_rewards, asdict(a.rewards))]
+            both = set(a.probe_rewards.split("+")) & set(a.reward.split("+"))
+            need(not both, f"--probe-rewards {'+'.join(sorted(both))}: trained on already (the trained reward is "
+                 "always probed); name rewards NOT trained on")
     if errors:
         raise SystemExit("train.py: invalid arguments:\n  " + "\n  ".join(errors))
 
@@ -485,6 +505,65 @@ def write_log(rec, out, bar):
 
 
 # ------------------------------------------------------------------------------------------------
+# The reward-hacking guard (guard/probes.py): deterministic probes on held-out prompts, scored with the
+# trained reward and rewards not trained on; the best model kept, a fall reported (or the run stopped)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Probes:
+    prompts: list  # the held-out probe prompts, each with seeds 0 .. probe_seeds - 1
+    items: list  # this rank's share: (index or None for padding, (prompt, seed))
+    n: int  # probe images in all
+    rewards: list  # the trained rewards, then the others
+    guard: Guard
+
+
+def set_up_probes(a: Args, prompts: list, rewards: list, rank: int, world: int, out: Path, start: int, device):
+    """The guard's probe set and rewards; after a --resume, the guard replays the probes up to `start`."""
+    items = probe_items(prompts, a.probe_seeds)
+    others = load_rewards(a.probe_rewards, device=device, **asdict(a.rewards)) if a.probe_rewards else []
+    guard = Guard([r.name for r in rewards], [r.name for r in others], a.probe_tolerance, a.probe_patience,
+                  a.probe_stop)
+    for rec in trainrun.probes(out, upto=start):
+        guard.update(rec["iteration"], rec["rewards"])
+    return Probes(prompts, share(items, rank, world), len(items), rewards + others, guard)
+
+
+def probe(r, a: Args, done: int, world: int, out: Path, is_main: bool):
+    """Probe the policy after `done` iterations: every rank ODE-samples and scores its share, the scores are
+    gathered so that every rank reaches the same verdict. Rank 0 logs probes.jsonl and the probe grid; a new
+    best (after training began) is exported to out/best. Returns ({reward: mean}, the guard's verdict)."""
+    from policy.flux import sample
+    from report.figures import save_grid
+    t0, p = time.time(), r.probe
+    prompts, seeds = [item[0] for _, item in p.items], [item[1] for _, item in p.items]
+    r.model.eval()
+    imgs = sample(r.policy, prompts, seeds, a.T, a.shift)  # (n, 3, H, W)
+    r.model.train()
+    with torch.no_grad():
+        scores = torch.stack([rw.score(imgs, prompts) for rw in p.rewards]).float().cpu()  # (n_rewards, n)
+    keep = [j for j, (i, _) in enumerate(p.items) if i is not None]
+    parts = [None] * world
+    pixels = (imgs[keep].nan_to_num(0).clamp(0, 1) * 255).round().byte().cpu()
+    dist.all_gather_object(parts, ([p.items[j][0] for j in keep], scores[:, keep], pixels))
+    index = torch.tensor([i for part in parts for i in part[0]]).argsort()
+    scores, imgs = torch.cat([part[1] for part in parts], 1)[:, index], torch.cat([part[2] for part in parts])[index]
+    means = {rw.name: scores[i].mean().item() for i, rw in enumerate(p.rewards)}
+    verdict = p.guard.update(done, means)
+    if is_main and verdict.stop:
+        print(f"train.py: the guard stops the run after iteration {done}: {verdict.stop}", file=sys.stderr)
+    elif is_main and verdict.fallen:
+        print(f"train.py: probe at iteration {done}: rewards not trained on fell below their start - "
+              f"{a.probe_tolerance}: {verdict.fallen} (the best model so far stays in {out / 'best'})", file=sys.stderr)
+    if is_main:
+        save_grid(imgs.float() / 255, p.prompts, a.probe_seeds, out / "probes" / f"probe_{done:06d}.png",
+                  max(1, 96 // r.policy.height))
+        trainrun.append_probe(out, {"iteration": done, "rewards": means, **asdict(verdict), "sec": time.time() - t0})
+    if verdict.best and done > 0 and a.keep_best:
+        export_model(out / "best", r.model, r.model_dir, dist.get_rank(), bool(a.lora_rank))
+    return means, verdict
+
+
+# ------------------------------------------------------------------------------------------------
 # main: set-up, then Algorithm 1
 # ------------------------------------------------------------------------------------------------
 @dataclass
@@ -499,6 +578,7 @@ class Run:
     start: int  # first iteration (> 0 when resumed)
     model_dir: Path
     grid: tuple  # (sample-grid prompts, prompts marked in it)
+    probe: Probes = None  # the reward-hacking guard's probes (--probe-every)
 
 
 def set_up(a: Args, rank: int, world: int, device) -> Run:
@@ -522,11 +602,23 @@ def set_up(a: Args, rank: int, world: int, device) -> Run:
     sampler = PromptSampler(prompts, a.sampler_seed, rank, world, a.prompts_per_rank)
     start, position = load_checkpoint(out, model, optim, rank) if a.resume else (0, 0)
     sampler.position = position or 0
-    policy.encode_prompts(future_prompts(sampler, a.iterations - start) + (grid_prompts if rank == 0 else []))
+    probes = set_up_probes(a, read_prompts(a.probe_prompts) if a.probe_prompts else list(marked), rewards, rank, world,
+                           out, start, device) if a.probe_every else None
+    policy.encode_prompts(future_prompts(sampler, a.iterations - start) + (grid_prompts if rank == 0 else [])
+                          + ([item[0] for _, item in probes.items] if probes else []))
     dist.barrier()
     sigmas = sigma_grid(a.T, a.shift).to(device)
     plan = G2RPO(a, sigmas) if a.algo.startswith("g2rpo") else TrajectoryGRPO(a, sigmas)  # chosen once
-    return Run(policy, model, optim, rewards, sampler, plan, start, model_dir, (grid_prompts, marked))
+    return Run(policy, model, optim, rewards, sampler, plan, start, model_dir, (grid_prompts, marked), probes)
+
+
+def checkpoint(r: Run, a: Args, done: int, rank: int, out: Path, is_main: bool) -> bool:
+    """A sharded checkpoint after `done` iterations (the oldest beyond --keep-checkpoints pruned) and its sample
+    grid; returns whether the grid is finite."""
+    save_checkpoint(out, done, r.model, r.optim, r.sampler.position, rank)
+    if is_main:
+        trainrun.prune(out, a.keep_checkpoints)
+    return write_samples(r.policy, *r.grid, a, out / f"samples_{done:06d}.png", is_main)
 
 
 def check_all(a: Args, is_main: bool):
@@ -572,7 +664,8 @@ def main(argv=None):
         start_log(a, plan, world, device, out, r.start, sum(p.numel() for p in trainable(model)))
     if r.start == 0:
         write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main)
-    ok, sampled_at = True, None  # the last checkpoint's sample grid: finite, and at which iteration
+        probe(r, a, 0, world, out, is_main) if r.probe else None  # the guard's start: the base model
+    ok, sampled_at, done = True, None, r.start  # the last sample grid: finite, at which iteration; iterations done
     bar = tqdm(range(r.start, a.iterations), initial=r.start, total=a.iterations, disable=not is_main, dynamic_ncols=True)
     idle = 0  # iterations in a row without an update
 
@@ -596,6 +689,8 @@ def main(argv=None):
         costs = dict(gathered_rollout=gathered_rollout, gathered_train=meter.take(), sec_rollout=t_roll,
                      sec_train=time.time() - t1, peak_mem_gb=peak_memory_gb(device))
         rec = log_record(it, results, As, stats, plan, r.rewards, finite, costs)
+        if r.probe and ((it + 1) % a.probe_every == 0 or it + 1 == a.iterations):  # the reward-hacking guard
+            rec["probe"], verdict = probe(r, a, it + 1, world, out, is_main)
         if is_main:
             write_log(rec, out, bar)
         idle = 0 if rec["optimizer_steps"] else idle + 1  # the same on every rank (all_true above)
@@ -603,12 +698,12 @@ def main(argv=None):
             stop(f"{idle} iterations in a row without an update (non-finite rewards, advantages or gradients): the "
                  "run has diverged and nothing is exported; lower --lr, or --resume from an earlier checkpoint", is_main)
         if a.checkpoint_every and (it + 1) % a.checkpoint_every == 0:
-            save_checkpoint(out, it + 1, model, optim, r.sampler.position, rank)
-            if is_main:
-                trainrun.prune(out, a.keep_checkpoints)
-            ok, sampled_at = write_samples(r.policy, *r.grid, a, out / f"samples_{it + 1:06d}.png", is_main), it + 1
-    if sampled_at != a.iterations:  # the final model's samples: a diverged model samples non-finite images
-        ok = write_samples(r.policy, *r.grid, a, out / f"samples_{a.iterations:06d}.png", is_main)
+            ok, sampled_at = checkpoint(r, a, it + 1, rank, out, is_main), it + 1
+        done = it + 1
+        if "probe" in rec and verdict.stop:  # the guard's stopping rule (probe() said why)
+            break
+    if sampled_at != done:  # the final model's samples: a diverged model samples non-finite images
+        ok = write_samples(r.policy, *r.grid, a, out / f"samples_{done:06d}.png", is_main)
     if not ok:
         stop("the trained model samples non-finite images: the run has diverged and is not exported", is_main)
     if a.export:

@@ -40,13 +40,21 @@ def plot_curve(metrics_file: Path, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = [json.loads(l) for l in Path(metrics_file).read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    probes_file = Path(metrics_file).with_name("probes.jsonl")  # the reward-hacking guard's probes, if any
+    probes = [json.loads(l) for l in probes_file.read_text().splitlines()] if probes_file.is_file() else []
+    fig, ax = plt.subplots(figsize=(5.5, 3.6) if probes else (5, 3.2))
     its = [r["iteration"] for r in recs]
     for name in recs[0]["anchor_reward"]:
         y = np.array([r["anchor_reward"][name] for r in recs])
         line, = ax.plot(its, y, alpha=0.3, lw=1, label=f"{name}, each iteration")
         ax.plot(its[9:], moving_mean(y), color=line.get_color(), lw=2, label=f"{name}, mean of the last 10")
-    ax.set_xlabel("iteration"), ax.set_ylabel("reward of the ODE sample"), ax.legend(), fig.tight_layout()
+    for name in probes[0]["rewards"] if probes else []:
+        ax.plot([p["iteration"] for p in probes], [p["rewards"][name] for p in probes], "o--", ms=3, lw=1,
+                label=f"{name}, held-out probe")
+    best = [p["iteration"] for p in probes if p["best"]]
+    if best:
+        ax.axvline(best[-1], color="grey", lw=0.8, ls=":", label=f"best by the guard (iteration {best[-1]})")
+    ax.set_xlabel("iteration"), ax.set_ylabel("reward"), ax.legend(fontsize=6 if probes else None), fig.tight_layout()
     atomic_write(path, fig.savefig)
     plt.close(fig)
 

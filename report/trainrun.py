@@ -6,6 +6,9 @@
     metrics.jsonl         one line per iteration; cut back to the checkpoint a --resume continues from
     ckpt_NNNNNN/          sharded checkpoints (renamed into place when complete), the newest --keep-checkpoints
     samples_NNNNNN.png, reward_curve.png, final/ (the exported model), prompt_cache/
+    probes.jsonl, probes/ one line and one image grid per probe of the reward-hacking guard (--probe-every);
+                          cut back like metrics.jsonl on --resume
+    best/                 the best model by the guard's criterion (exported like final/)
 
 A folder that holds a run is continued only with --resume, and only with the same algorithm-defining
 settings; --overwrite clears it first (the prompt cache is kept). Everything here reads the file
@@ -17,7 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
-RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "reward_curve.png", "final", "final.tmp")
+RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "reward_curve.png", "final", "final.tmp", "probes.jsonl",
+             "probes", "best", "best.tmp")
 # settings that a --resume must keep: they define the algorithm, the data stream or the numbers
 DEFINING = ("model", "algo", "reward", "prompts", "prompts_per_rank", "G", "T", "eta", "schedule", "shift", "Lambda",
             "sde_steps", "fine_first", "train_fraction", "window", "window_shift_every", "lr", "weight_decay",
@@ -60,10 +64,10 @@ def start(out: Path, settings: dict, resume: bool, iteration: int):
             f.write(json.dumps({"iteration": iteration, "args": settings}) + "\n")
     else:
         (out / "args.json").write_text(json.dumps(settings, indent=1))
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        keep = [line for line in metrics.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
-        metrics.write_text("".join(line + "\n" for line in keep))
+    for log in (out / "metrics.jsonl", out / "probes.jsonl"):
+        if log.exists():
+            keep = [line for line in log.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
+            log.write_text("".join(line + "\n" for line in keep))
 
 
 def append(out: Path, record: dict):
@@ -72,6 +76,19 @@ def append(out: Path, record: dict):
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     plot_curve(out / "metrics.jsonl", out / "reward_curve.png")
+
+
+def append_probe(out: Path, record: dict):
+    """One probe of the guard: a line of probes.jsonl (the reward curve draws them at its next redraw)."""
+    with open(out / "probes.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def probes(out: Path, upto: int) -> list:
+    """The probes.jsonl records up to iteration `upto` (a --resume replays them into the guard)."""
+    log = Path(out) / "probes.jsonl"
+    recs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return [r for r in recs if r["iteration"] <= upto]
 
 
 def take_lock(out: Path, overwrite: bool = False):

@@ -97,10 +97,15 @@ def weights_of_base(model_dir):
 
 
 def test_resume_equals_straight_run(tiny_model, tmp_path):
+    """... the reward-hacking guard's probes included: a resumed guard replays probes.jsonl."""
     a, b = tmp_path / "straight", tmp_path / "resumed"
-    launch(2, a, tiny_model, ["--iterations", "4", "--checkpoint-every", "2"])
-    launch(2, b, tiny_model, ["--iterations", "2", "--checkpoint-every", "2", "--no-export"])
-    launch(2, b, tiny_model, ["--iterations", "4", "--checkpoint-every", "2", "--resume"])
+    guard = ["--probe-every", "1", "--probe-prompts", str(tiny_model[1]), "--probe-seeds", "1"]
+    launch(2, a, tiny_model, ["--iterations", "4", "--checkpoint-every", "2", *guard])
+    launch(2, b, tiny_model, ["--iterations", "3", "--checkpoint-every", "2", "--no-export", *guard])
+    launch(2, b, tiny_model, ["--iterations", "4", "--checkpoint-every", "2", "--resume", *guard])
+    pa, pb = ([{k: v for k, v in json.loads(l).items() if k != "sec"} for l in (out / "probes.jsonl").open()]
+              for out in (a, b))
+    assert [p["iteration"] for p in pb] == [0, 1, 2, 3, 4] and pa == pb  # iteration 3's first probe was cut back
     ma, mb = metrics(a), metrics(b)
     assert [x["iteration"] for x in mb] == [1, 2, 3, 4]
     for x, y in zip(ma, mb):
