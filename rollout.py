@@ -166,8 +166,23 @@ def rescore(v, group: Group, sigmas, eta: float, schedule: str = "flowgrpo") -> 
     with gradients: Eq. 3 scoring the stored x_next. ONE model evaluation at the shared x_k (batch 1)
     serves all G branches; a group whose x_k holds G states (the trajectory baselines) evaluates each.
     Eq. 12's ratio is exp(rescore(...) - group.log_prob)."""
+    t = sigmas[group.k]
+    return _logp(group, v(group.x_k, t.float().expand(group.x_k.shape[0])), sigmas, eta, schedule)
+
+
+def rescore_groups(v, groups: list, sigmas, eta: float, schedule: str = "flowgrpo") -> list:
+    """rescore for several groups (several k, or several prompts when v's conditioning holds one row per
+    x_k row) in ONE model call: their x_k stacked, each row at its own t. The loss is a sum over k, so one
+    forward/backward over all of them gives the gradient of |M| separate ones (to float rounding), with one
+    parameter gather instead of |M| under FSDP. Returns [(G,)] in the order of `groups`."""
+    x = torch.cat([g.x_k for g in groups])  # (sum of rows, ...); a row per group (G per trajectory group)
+    t = torch.cat([sigmas[g.k].float().expand(g.x_k.shape[0]) for g in groups])
+    v_all = v(x, t).split([g.x_k.shape[0] for g in groups])
+    return [_logp(g, v_k, sigmas, eta, schedule) for g, v_k in zip(groups, v_all)]
+
+
+def _logp(group: Group, v_k, sigmas, eta, schedule):
     t, t_next = sigmas[group.k], sigmas[group.k + 1]
-    v_k = v(group.x_k, t.float().expand(group.x_k.shape[0]))  # (1 or G, ...)
     rep = (group.x_next.shape[0],) + (-1,) * (group.x_k.ndim - 1)
     _, logp, _, _ = sde_step(group.x_k.expand(rep), v_k.expand(rep), t, t_next, eta, schedule, x_next=group.x_next)
     return logp

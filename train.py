@@ -34,7 +34,7 @@ from guard.probes import Guard, probe_items, share
 from policy.lora import TARGETS as LORA_TARGETS, add_lora, trainable
 from report import trainrun
 from rewards import RewardOptions, load_rewards, reward_spec_errors
-from rollout import default_sde_steps, predicted_evaluations, rescore, singular_rollout, stack_images
+from rollout import default_sde_steps, predicted_evaluations, rescore_groups, singular_rollout, stack_images
 from sde import SCHEDULES, sigma_grid
 
 ALGOS = ("g2rpo", "g2rpo-no-mgai") + BASELINES
@@ -72,10 +72,12 @@ class Args:
     clip_range: float = 1e-4  # PPO clip epsilon
     adv_clip: float = 5.0  # advantage clip max
     step_per_k: bool = False  # optimizer step after every k (the reference code) instead of once per iteration
+    rescore_batch: int = 1  # trained steps per forward/backward: 1 = one per k (reference code), 0 = all in one pass
     seed: int = 42  # model/noise seed
     sampler_seed: int = 1223627  # prompt sampler seed
     mixed_precision: Literal["bf16", "fp32"] = "bf16"  # bf16 (fp32 master weights, bf16 compute) or fp32
     activation_checkpointing: bool = False  # recompute transformer blocks in backward
+    replicas: int = 1  # HSDP: shard within groups of world/replicas ranks (a node), replicate across the groups
     lora_rank: int = 0  # LoRA rank (policy/lora.py): train adapters only, base frozen (bf16 under bf16); 0: full fine-tuning
     lora_alpha: float = 0.0  # LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank)
     lora_targets: tuple[str, ...] = LORA_TARGETS  # module names (suffixes) that get adapters
@@ -161,6 +163,9 @@ def check_args(a: Args):
              f": distinct grid indices in [0, {a.T - 1}] for T={a.T}")
         need(a.algo != "g2rpo-no-mgai" or a.Lambda == (1,), "--algo g2rpo-no-mgai is G2RPO with Lambda = {1}; "
              "drop --Lambda")
+    need(a.rescore_batch >= 0, f"--rescore-batch {a.rescore_batch}: must be >= 0 (0: all trained steps in one pass)")
+    need(not a.step_per_k or a.rescore_batch == 1, "--step-per-k steps the optimizer after every k: it needs "
+         "--rescore-batch 1")
     need(not a.model or (Path(a.model) / "model_index.json").is_file(), f"--model {a.model}: not a diffusers model "
          "folder (no model_index.json): give the folder FluxPipeline.save_pretrained writes, e.g. FLUX.1-dev")
     need(not a.model or a.prompts, "--prompts FILE is required with --model (one prompt per line)")
@@ -206,11 +211,16 @@ def setup_distributed(device_pref: str):
     return rank, world, torch.device("cuda", local) if use_cuda else torch.device("cpu")
 
 
-def shard_model(transformer, device, mixed_precision: str, activation_checkpointing: bool):
-    """FSDP2: one unit per transformer block plus the root; fp32 master weights, bf16 compute."""
+def shard_model(transformer, device, mixed_precision: str, activation_checkpointing: bool, replicas: int = 1):
+    """FSDP2: one unit per transformer block plus the root; fp32 master weights, bf16 compute. replicas > 1:
+    HSDP on a 2-D mesh (replicas, world / replicas): parameters are sharded, all-gathered and gradients
+    reduce-scattered within a group of consecutive ranks (one node: NVLink), and only the gradient shards
+    are all-reduced across the groups (the network)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,)) if replicas == 1 else \
+        init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
     if activation_checkpointing:
@@ -426,26 +436,42 @@ def sample_prompt(plan, policy, model, rewards, prompt, x_T, it, gen) -> Sampled
     return Sampled(prompt, cond, ro, R, scores[:, -1], time.time() - t0)
 
 
+def rows_velocity(policy, model, conds: list):
+    """v(x, t) for rows of several prompts: [(cond, rows)] in order. One prompt: its cond expanded to the rows
+    (the rollout's own call); several: their embeddings repeated row by row into one batched cond."""
+    from policy.flux import Cond
+    if all(c is conds[0][0] for c, _ in conds):
+        return policy.velocity(conds[0][0], model)
+    return policy.velocity(Cond(torch.cat([c.prompt_embeds.expand(n, -1, -1) for c, n in conds]),
+                                torch.cat([c.pooled.expand(n, -1) for c, n in conds])), model)
+
+
 def update(policy, model, optim, results, As, a, device) -> dict:
     """Lines 24-26: for each prompt and each trained k, re-score the G next states under the current
-    policy (rollout.rescore: one forward at the shared x_k), Eq. 12, backward; then one optimizer
-    step (or one per k with --step-per-k). Returns the loss, its diagnostics and the step count."""
+    policy (rollout.rescore_groups: one forward at the shared x_k; --rescore-batch groups per forward,
+    0 = all of them in one pass), Eq. 12, backward; then one optimizer step (or one per k with
+    --step-per-k). Returns the loss, its diagnostics and the step count."""
     stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_drift_mean": 0.0, "ratio_drift_max": 0.0,
              "grad_norm": float("nan"), "optimizer_steps": 0}
-    for s, A in zip(results, As):
-        v = policy.velocity(s.cond, model)
-        n = len(s.rollout.groups) * len(results)  # the loss is a mean over every (prompt, k, i)
-        for j, group in enumerate(s.rollout.groups):
-            logp = rescore(v, group, s.rollout.sigmas, a.eta, a.schedule)  # (G,) with gradients
-            loss, diag = g2rpo_loss(logp, group.log_prob, A[j].to(logp.device), a.clip_range)
-            (loss / n).backward()
+    work = [(s, group, A[j]) for s, A in zip(results, As) for j, group in enumerate(s.rollout.groups)]
+    n = len(work)  # the loss is a mean over every (prompt, k, i)
+    size = a.rescore_batch or n
+    for c in range(0, n, size):
+        chunk = work[c:c + size]
+        v = rows_velocity(policy, model, [(s.cond, group.x_k.shape[0]) for s, group, _ in chunk])
+        logps = rescore_groups(v, [group for _, group, _ in chunk], chunk[0][0].rollout.sigmas, a.eta, a.schedule)
+        total = 0.0
+        for (s, group, A), logp in zip(chunk, logps):  # logp: (G,) with gradients
+            loss, diag = g2rpo_loss(logp, group.log_prob, A.to(logp.device), a.clip_range)
+            total = total + loss / n
             stats["loss"] += loss.item() / n
             stats["clip_frac"] += diag["clip_frac"] / n
             stats["ratio_drift_mean"] += diag["ratio_drift_mean"] / n
             stats["ratio_drift_max"] = max(stats["ratio_drift_max"], diag["ratio_drift_max"])
-            if a.step_per_k:
-                stats["grad_norm"], ok = clip_and_step(model, optim, a, device)
-                stats["optimizer_steps"] += ok
+        total.backward()
+        if a.step_per_k:
+            stats["grad_norm"], ok = clip_and_step(model, optim, a, device)
+            stats["optimizer_steps"] += ok
     if not a.step_per_k:
         stats["grad_norm"], ok = clip_and_step(model, optim, a, device)
         stats["optimizer_steps"] += ok
@@ -485,13 +511,13 @@ def peak_memory_gb(device) -> float:
     return peak / 2**30
 
 
-def start_log(a, plan, world, device, out, start, n_trained):
+def start_log(a, plan, world, device, out, start, n_trained, mesh):
     """Rank 0: the derived numbers of this run; args.json (or resumes.jsonl) and metrics.jsonl (trainrun)."""
     P = world * a.prompts_per_rank
     print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
           f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals} in {plan.calls} batched "
           f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | trained parameters {n_trained:,}"
-          f"{f' (LoRA rank {a.lora_rank})' if a.lora_rank else ''} | device {device}", flush=True)
+          f"{f' (LoRA rank {a.lora_rank})' if a.lora_rank else ''} | {mesh} | device {device}", flush=True)
     trainrun.start(out, {**asdict(a), "world_size": world}, a.resume, start)
 
 
@@ -596,7 +622,7 @@ def set_up(a: Args, rank: int, world: int, device) -> Run:
     if a.lora_rank:  # adapters in fp32, the base frozen (policy/lora.py)
         add_lora(policy.transformer, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
     rewards = load_rewards(a.reward, device=device, **asdict(a.rewards))
-    model = shard_model(policy.transformer, device, a.mixed_precision, a.activation_checkpointing)
+    model = shard_model(policy.transformer, device, a.mixed_precision, a.activation_checkpointing, a.replicas)
     model.train()
     optim = torch.optim.AdamW(trainable(model), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     sampler = PromptSampler(prompts, a.sampler_seed, rank, world, a.prompts_per_rank)
@@ -626,6 +652,9 @@ def check_all(a: Args, is_main: bool):
     try:
         check_args(a)
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if a.replicas < 1 or world % a.replicas:
+            raise SystemExit(f"train.py: --replicas {a.replicas}: must divide the world size {world} (e.g. 2 for "
+                             "2 nodes x 8 GPUs: shard within a node, replicate across nodes)")
         if errors := trainrun.ownership_errors(Path(a.out), {**asdict(a), "world_size": world}, a.resume, a.overwrite):
             raise SystemExit("train.py: " + "\n  ".join(errors))
     except SystemExit as e:
@@ -661,7 +690,9 @@ def main(argv=None):
     r = set_up(a, rank, world, device)
     model, optim, plan, meter = r.model, r.optim, r.plan, GatherMeter()
     if is_main:
-        start_log(a, plan, world, device, out, r.start, sum(p.numel() for p in trainable(model)))
+        shape = tuple(next(model.parameters()).device_mesh.shape)  # as FSDP2 built it
+        mesh = f"HSDP {shape[0]} x {shape[1]} (replicas x shards)" if len(shape) == 2 else f"FSDP over {shape[0]}"
+        start_log(a, plan, world, device, out, r.start, sum(p.numel() for p in trainable(model)), mesh)
     if r.start == 0:
         write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main)
         probe(r, a, 0, world, out, is_main) if r.probe else None  # the guard's start: the base model
