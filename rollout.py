@@ -202,6 +202,16 @@ def predicted_evaluations(T, M, G, Lambda, fine_first=False):
     return calls, evals
 
 
+def subset_evaluations(T, M, G, Lambda, S, fine_first=False):
+    """(calls, evaluations) per prompt in expectation when each iteration rolls out a uniform random subset
+    of S steps of M (train.py --sde-steps-per-iteration): the anchor's T, plus S / |M| of each k's own cost
+    (every k is in the subset with probability S / |M|). S = |M| gives predicted_evaluations exactly."""
+    calls, evals = predicted_evaluations(T, M, G, Lambda, fine_first)
+    if S == len(M):
+        return calls, evals
+    return T + S / len(M) * (calls - T), T + S / len(M) * (evals - T)
+
+
 def paper_cost(M_paper, Lambda=(1, 2, 3)):
     """Sec. 11's formula: S_lam = sum_m floor(m / lam); returns (total, overhead of lam > 1).
 

@@ -34,7 +34,7 @@ from guard.probes import Guard, probe_items, share
 from policy.lora import TARGETS as LORA_TARGETS, add_lora, trainable
 from report import trainrun
 from rewards import RewardOptions, load_rewards, reward_spec_errors
-from rollout import default_sde_steps, predicted_evaluations, rescore_groups, singular_rollout, stack_images
+from rollout import default_sde_steps, rescore_groups, singular_rollout, stack_images, subset_evaluations
 from sde import SCHEDULES, sigma_grid
 
 ALGOS = ("g2rpo", "g2rpo-no-mgai") + BASELINES
@@ -63,6 +63,8 @@ class Args:
     Lambda: tuple[int, ...] = (1, 2, 3)  # granularities, e.g. --Lambda 1 2 3
     sde_steps: tuple[int, ...] = ()  # SDE steps M as grid indices (G2RPO); empty: the first half
     fine_first: bool = False  # Eq. 10 grid of the reference code exactly (one fine step, then strided)
+    sde_steps_per_iteration: int = 0  # cheaper G2RPO: a random subset of M of this size per prompt (0: all of M)
+    lambda_weights: tuple[float, ...] = ()  # weights of the granularities in Eq. 11 (empty: plain sum, the paper)
     train_fraction: float = 0.6  # dancegrpo: share of its SDE steps trained per iteration (random subset)
     window: int = 4  # mixgrpo: SDE (and trained) steps in the sliding window
     window_shift_every: int = 25  # mixgrpo: iterations before the window moves one step later
@@ -152,6 +154,8 @@ def check_args(a: Args):
     if a.algo in BASELINES:
         need(a.Lambda == (1,) and not a.sde_steps, f"--algo {a.algo} scores one image per trajectory and plans its "
              "own SDE steps: drop --Lambda and --sde-steps")
+        need(not a.sde_steps_per_iteration and not a.lambda_weights, f"--algo {a.algo}: --sde-steps-per-iteration "
+             "and --lambda-weights are G2RPO's options")
         need(a.algo != "dancegrpo" or 0 < a.train_fraction <= 1, f"--train-fraction {a.train_fraction}: in (0, 1]")
         need(a.algo != "mixgrpo" or 1 <= a.window <= a.T, f"--window {a.window}: must be in [1, T = {a.T}]")
         need(a.algo != "mixgrpo" or a.window_shift_every >= 1, "--window-shift-every: must be >= 1")
@@ -163,6 +167,10 @@ def check_args(a: Args):
              f": distinct grid indices in [0, {a.T - 1}] for T={a.T}")
         need(a.algo != "g2rpo-no-mgai" or a.Lambda == (1,), "--algo g2rpo-no-mgai is G2RPO with Lambda = {1}; "
              "drop --Lambda")
+        need(0 <= a.sde_steps_per_iteration <= len(M), f"--sde-steps-per-iteration {a.sde_steps_per_iteration}: "
+             f"in [0, |M| = {len(M)}] (0: all of M)")
+        need(not a.lambda_weights or len(a.lambda_weights) == len(a.Lambda), f"--lambda-weights: one weight per "
+             f"granularity of --Lambda {' '.join(map(str, a.Lambda))}")
     need(a.rescore_batch >= 0, f"--rescore-batch {a.rescore_batch}: must be >= 0 (0: all trained steps in one pass)")
     need(not a.step_per_k or a.rescore_batch == 1, "--step-per-k steps the optimizer after every k: it needs "
          "--rescore-batch 1")
@@ -398,13 +406,16 @@ class G2RPO:
 
     def __init__(self, a: Args, sigmas):
         self.a, self.sigmas, self.M, self.Lambda = a, sigmas, sde_steps(a), a.Lambda
-        self.calls, self.evals = predicted_evaluations(a.T, self.M, a.G, a.Lambda, a.fine_first)
-        self.images_per_prompt = len(self.M) * a.G * len(a.Lambda)
-        self.train_passes = f"{len(self.M)} forward/backward of batch 1 (shared x_k)"
+        self.S = a.sde_steps_per_iteration or len(self.M)  # steps of M rolled out and trained per prompt
+        self.calls, self.evals = subset_evaluations(a.T, self.M, a.G, a.Lambda, self.S, a.fine_first)
+        self.images_per_prompt = self.S * a.G * len(a.Lambda)
+        self.train_passes = f"{self.S} forward/backward of batch 1 (shared x_k)"
 
     def rollout(self, v, x_T, it, generator):
-        a = self.a
-        return singular_rollout(v, x_T, self.sigmas, self.M, a.G, a.Lambda, a.eta, a.schedule, a.fine_first,
+        a, M = self.a, self.M
+        if self.S < len(M):  # --sde-steps-per-iteration: a uniform random subset of M (the prompt's generator)
+            M = sorted(M[i] for i in torch.randperm(len(M), generator=generator, device=generator.device)[:self.S])
+        return singular_rollout(v, x_T, self.sigmas, M, a.G, a.Lambda, a.eta, a.schedule, a.fine_first,
                                 generator=generator)
 
     def images(self, ro):
@@ -497,7 +508,8 @@ def log_record(it, results, As, stats, plan, rewards, finite, costs) -> dict:
             **{k: stats[k] for k in ("clip_frac", "ratio_drift_mean", "ratio_drift_max") if k in stats},
             "adv_abs_mean": A.abs().mean().item(), "adv_std": A.std().item(),
             "reward_std_in_group": torch.stack([s.R.std(-1).mean() for s in results]).mean().item(),
-            "model_evaluations": plan.evals * len(results), "batched_calls": plan.calls * len(results),
+            "model_evaluations": sum(s.rollout.evals for s in results),  # counted at the model calls
+            "batched_calls": sum(s.rollout.calls for s in results),
             "gathered_bytes_rollout": costs["gathered_rollout"], "gathered_bytes_train": costs["gathered_train"],
             "sec_reward": sec_reward, "sec_rollout": costs["sec_rollout"] - sec_reward, "sec_train": costs["sec_train"],
             "peak_mem_gb": costs["peak_mem_gb"]}
@@ -515,7 +527,7 @@ def start_log(a, plan, world, device, out, start, n_trained, mesh):
     """Rank 0: the derived numbers of this run; args.json (or resumes.jsonl) and metrics.jsonl (trainrun)."""
     P = world * a.prompts_per_rank
     print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
-          f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals} in {plan.calls} batched "
+          f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals:g} in {plan.calls:g} batched "
           f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | trained parameters {n_trained:,}"
           f"{f' (LoRA rank {a.lora_rank})' if a.lora_rank else ''} | {mesh} | device {device}", flush=True)
     trainrun.start(out, {**asdict(a), "world_size": world}, a.resume, start)
@@ -712,7 +724,8 @@ def main(argv=None):
                 x_T = r.policy.noise(1, generator=gen)  # line 7: one shared initial noise
                 results.append(sample_prompt(plan, r.policy, model, r.rewards, prompt, x_T, it, gen))
         gathered_rollout, t_roll = meter.take(), time.time() - t0
-        As = [mixed_advantage(s.R, adv_clip=a.adv_clip) for s in results]  # lines 21-22: Eqs. 8, 11 -> (|k|, G)
+        As = [mixed_advantage(s.R, adv_clip=a.adv_clip, lambda_weights=a.lambda_weights or None)  # lines 21-22:
+              for s in results]  # Eqs. 8, 11 -> (|k|, G)
         finite = all(torch.isfinite(s.R).all() and torch.isfinite(A).all() for s, A in zip(results, As))
         t1 = time.time()  # lines 24-26: Eq. 12 and the update, skipped on every rank if any rank is non-finite
         model.train(), optim.zero_grad(set_to_none=True)

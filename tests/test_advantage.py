@@ -81,3 +81,17 @@ def test_bad_shapes():
         advantage.mixed_advantage(torch.ones(4, 12))
     with pytest.raises(ValueError, match="weight"):
         advantage.mixed_advantage(torch.randn(2, 1, 4), weights=[1.0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(2, 6), st.lists(st.floats(0.1, 3), min_size=3, max_size=3))
+def test_lambda_weights_weigh_each_granularity(G, w):
+    """--lambda-weights (an ablation): sum_lam w_lam A^lam; all ones is Eq. 11's plain sum."""
+    R = torch.randn(2, 3, 4, G, generator=torch.Generator().manual_seed(G))
+    plain = advantage.mixed_advantage(R, adv_clip=1e9)
+    assert torch.equal(advantage.mixed_advantage(R, adv_clip=1e9, lambda_weights=[1.0, 1.0, 1.0]), plain)
+    per_lam = [advantage.mixed_advantage(R[:, i:i + 1], adv_clip=1e9) for i in range(3)]
+    want = sum(wi * a for wi, a in zip(w, per_lam))
+    torch.testing.assert_close(advantage.mixed_advantage(R, adv_clip=1e9, lambda_weights=w), want)
+    with pytest.raises(ValueError, match="one weight per granularity"):
+        advantage.mixed_advantage(R, lambda_weights=[1.0, 2.0])

@@ -208,3 +208,38 @@ def test_rescore_is_one_evaluation_at_the_shared_x_k_and_reproduces_the_old_log_
     assert w.grad is not None and w.grad.abs().item() > 0
     other = rollout.rescore(lambda x, t: CountingVelocity()(x, t) + 0.01, out.groups[0], out.sigmas, 0.7)
     assert not torch.equal(other, out.groups[0].log_prob)  # another policy: another log-prob
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(2, 10), G=st.integers(2, 4), fine_first=st.booleans(), data=st.data())
+def test_subset_cost_is_the_mean_over_every_subset(T, G, fine_first, data):
+    """--sde-steps-per-iteration S: the expected cost is exactly the mean over the S-subsets of M."""
+    import itertools
+    from fractions import Fraction
+    M = sorted(data.draw(st.sets(st.integers(0, T - 1), min_size=1, max_size=T)))
+    Lambda = sorted(data.draw(st.sets(st.integers(1, 3), min_size=1, max_size=3)))
+    S = data.draw(st.integers(1, len(M)))
+    subsets = list(itertools.combinations(M, S))
+    mean = [sum(Fraction(rollout.predicted_evaluations(T, list(c), G, Lambda, fine_first)[i]) for c in subsets)
+            / len(subsets) for i in (0, 1)]
+    got = rollout.subset_evaluations(T, M, G, Lambda, S, fine_first)
+    assert got == pytest.approx([float(m) for m in mean], rel=1e-12)
+
+
+def test_a_random_subset_of_m_is_rolled_out_and_counted():
+    """train.G2RPO with --sde-steps-per-iteration 2: each prompt's rollout covers 2 distinct steps of M drawn from
+    its generator, and the evaluations counted at the model are the closed form's for that subset."""
+    import train
+    a = train.parse_args(["--T", "8", "--G", "3", "--sde-steps", "0", "2", "4", "6", "--sde-steps-per-iteration", "2"])
+    plan = train.G2RPO(a, sde.sigma_grid(a.T))
+    seen = set()
+    for seed in range(12):
+        v = CountingVelocity()
+        ro = plan.rollout(v, torch.randn(1, 3, 5), 0, torch.Generator().manual_seed(seed))
+        ks = [g.k for g in ro.groups]
+        assert len(ks) == 2 == len(set(ks)) and set(ks) <= {0, 2, 4, 6}
+        assert (ro.calls, ro.evals) == (v.calls, v.evals) == rollout.predicted_evaluations(8, ks, 3, a.Lambda)
+        seen.add(tuple(ks))
+    assert len(seen) > 3  # the subset changes with the generator
+    assert plan.evals == rollout.subset_evaluations(8, [0, 2, 4, 6], 3, a.Lambda, 2)[1] < \
+        rollout.predicted_evaluations(8, [0, 2, 4, 6], 3, a.Lambda)[1]
