@@ -58,7 +58,19 @@ eval: venv
 # finished leg is kept, so an interrupted run continues). Results: $(BENCH_OUT)/results.md, *.png
 BENCH_OUT ?= runs/bench
 BENCH_ARGS ?=
-.PHONY: bench bench-algos
+.PHONY: bench bench-algos bench-lora bench-equal
 bench: bench-algos
 bench-algos: venv
 	$(PY) bench/algos.py --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# LoRA vs full fine-tuning (3 seeds) and the reward-hacking guard on a 150-iteration run: ~35 min on 2 cores.
+# Results: $(BENCH_LORA_OUT)/results.md (a finished run is kept: call again to continue)
+BENCH_LORA_OUT ?= runs/bench-lora
+bench-lora: venv
+	$(PY) bench/lora_guard.py --out $(BENCH_LORA_OUT)
+
+# Equal compute (bench/README.md, "Equal compute: the protocol"): a cheaper G2RPO against G2RPO and MixGRPO,
+# learning rate selected per method, and the ablations. ~2 h on 2 cores; resumable.
+BENCH_EQUAL_OUT ?= runs/bench-equal
+bench-equal: venv
+	$(PY) bench/equal.py --out $(BENCH_EQUAL_OUT)

@@ -101,7 +101,11 @@ def evaluate(model_dir: Path, path: Path) -> dict:
         import toy
         from policy.flux import FluxPolicy
         torch.set_num_threads(1)
-        policy = FluxPolicy.from_pretrained(model_dir, dtype=torch.float32)
+        from policy.lora import base_of, is_lora_folder, load_lora
+        lora = is_lora_folder(model_dir)  # a LoRA export: its base model + the adapter
+        policy = FluxPolicy.from_pretrained(base_of(model_dir) if lora else model_dir, dtype=torch.float32)
+        if lora:
+            load_lora(policy.transformer, model_dir)
         table = toy.reward_table(policy, n=EVAL_N, T=EVAL_T, seed=0)
         path.write_text(json.dumps(table, indent=1))
     return json.loads(path.read_text())
