@@ -78,16 +78,21 @@ def test_smoke_two_processes(tiny_model, tmp_path):
 
 
 def test_fsdp_two_processes_equal_one_process(tiny_model, tmp_path):
-    """Same two prompts: 2 ranks x 1 prompt under FSDP == 1 rank x 2 prompts."""
-    a, b = tmp_path / "two", tmp_path / "one"
+    """Same two prompts: 2 ranks x 1 prompt under FSDP == 1 rank x 2 prompts; and training in one pass
+    (--rescore-batch 0) == one forward/backward per k, with |M| = 2 times fewer bytes all-gathered (measured)."""
+    a, b, c = tmp_path / "two", tmp_path / "one", tmp_path / "two-one-pass"
     launch(2, a, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--prompts-per-rank", "1"])
     launch(0, b, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--prompts-per-rank", "2"])
-    wa, wb = weights(a), weights(b)
+    launch(2, c, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--rescore-batch", "0"])
+    per_k, one_pass = metrics(a)[0]["gathered_bytes_train"], metrics(c)[0]["gathered_bytes_train"]
+    assert one_pass > 0 and per_k == 2 * one_pass
+    wa, wb, wc = weights(a), weights(b), weights(c)
     base = weights_of_base(tiny_model[0])
     moved = max((wb[k] - base[k]).abs().max().item() for k in wb)
     assert moved > 1e-4  # the update did something
-    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert diff < 1e-5 * max(1.0, moved * 100), (diff, moved)
+    for other in (wb, wc):
+        diff = max((wa[k] - other[k]).abs().max().item() for k in wa)
+        assert diff < 1e-5 * max(1.0, moved * 100), (diff, moved)
     assert metrics(a)[0]["anchor_reward"] == pytest.approx(metrics(b)[0]["anchor_reward"], abs=1e-6)
 
 
@@ -360,28 +365,15 @@ def test_one_pass_gives_the_gradient_of_one_pass_per_k(tiny_model, algo):
         dist.destroy_process_group()
 
 
-def test_one_pass_gathers_once(tiny_model, tmp_path):
-    """Measured at the collective: one pass all-gathers the parameters for one forward and one backward, not
-    for |M| x prompts of each (2 trained steps x 2 prompts here)."""
-    gathered = {}
-    for batch in ("1", "0"):
-        launch(2, tmp_path / batch, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export",
-                                                 "--prompts-per-rank", "2", "--rescore-batch", batch])
-        gathered[batch] = metrics(tmp_path / batch)[0]["gathered_bytes_train"]
-    assert gathered["0"] > 0 and gathered["1"] == 4 * gathered["0"]
-
-
-def test_hsdp_2x2_equals_fsdp_over_4(tiny_model, tmp_path):
-    """--replicas 2 on 4 processes (shard over 2, replicate over 2) trains as plain FSDP over 4 does."""
-    runs = {}
-    for replicas, mesh in (("1", "FSDP over 4"), ("2", "HSDP 2 x 2")):
-        r = launch(4, tmp_path / replicas, tiny_model, ["--iterations", "1", "--checkpoint-every", "0",
-                                                        "--replicas", replicas])
-        assert mesh in r.stdout  # read from the sharded parameters' device mesh
-        runs[replicas] = weights(tmp_path / replicas)
-    base = weights_of_base(tiny_model[0])
-    moved = max((runs["1"][k] - base[k]).abs().max().item() for k in base)
-    diff = max((runs["1"][k] - runs["2"][k]).abs().max().item() for k in base)
+def test_hsdp_2x2_equals_one_process(tiny_model, tmp_path):
+    """--replicas 2 on 4 processes (shard over 2, replicate over 2), 1 prompt each, trains as one process with the
+    same 4 prompts does (and so as FSDP over 4: test_fsdp_two_processes_equal_one_process)."""
+    r = launch(4, tmp_path / "hsdp", tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--replicas", "2"])
+    assert "HSDP 2 x 2" in r.stdout  # read from the sharded parameters' device mesh
+    launch(0, tmp_path / "one", tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--prompts-per-rank", "4"])
+    hsdp, one, base = weights(tmp_path / "hsdp"), weights(tmp_path / "one"), weights_of_base(tiny_model[0])
+    moved = max((one[k] - base[k]).abs().max().item() for k in base)
+    diff = max((one[k] - hsdp[k]).abs().max().item() for k in base)
     assert moved > 1e-4 and diff < 1e-5 * max(1.0, moved * 100), (diff, moved)
-    m1, m2 = metrics(tmp_path / "1")[0], metrics(tmp_path / "2")[0]
+    m1, m2 = metrics(tmp_path / "one")[0], metrics(tmp_path / "hsdp")[0]
     assert m1["anchor_reward"] == pytest.approx(m2["anchor_reward"], abs=1e-6)
