@@ -74,3 +74,10 @@ bench-lora: venv
 BENCH_EQUAL_OUT ?= runs/bench-equal
 bench-equal: venv
 	$(PY) bench/equal.py --out $(BENCH_EQUAL_OUT)
+
+# One GPU, a few minutes: FLUX.1-dev's width (2 + 4 of its blocks) measured against the fake-tensor prediction,
+# the PPO ratio at the first update in bf16. Results: runs/gpu-check/results.md (GPU_ARGS="--device cpu --tiny" on CPU)
+GPU_ARGS ?=
+.PHONY: gpu-check
+gpu-check: venv
+	$(PY) bench/gpu_check.py $(GPU_ARGS)
