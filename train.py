@@ -94,7 +94,8 @@ class Args:
     probe_rewards: str = ""  # '+'-separated rewards NOT trained on, probed beside the trained one, e.g. clip+pickscore
     probe_prompts: str = ""  # held-out prompt file for the probes (the small world: its held-out prompts)
     probe_seeds: int = 2  # ODE images per probe prompt (seeds 0, 1, ...)
-    probe_tolerance: float = 0.05  # a reward not trained on has fallen when it is below its first probe - this
+    probe_tolerance: float = 0.05  # a reward not trained on has fallen when it is below its reference - this
+    probe_against: Literal["peak", "start"] = "peak"  # the reference: its best probe so far, or its first probe
     probe_patience: int = 0  # stop after this many probes in a row without a new best (0: never)
     probe_stop: bool = False  # stop when a reward not trained on has fallen (default: warn and go on)
     keep_best: bool = True  # export the best model by the guard's criterion to --out/best (with --probe-every)
@@ -560,7 +561,7 @@ def set_up_probes(a: Args, prompts: list, rewards: list, rank: int, world: int, 
     items = probe_items(prompts, a.probe_seeds)
     others = load_rewards(a.probe_rewards, device=device, **asdict(a.rewards)) if a.probe_rewards else []
     guard = Guard([r.name for r in rewards], [r.name for r in others], a.probe_tolerance, a.probe_patience,
-                  a.probe_stop)
+                  a.probe_stop, a.probe_against)
     for rec in trainrun.probes(out, upto=start):
         guard.update(rec["iteration"], rec["rewards"])
     return Probes(prompts, share(items, rank, world), len(items), rewards + others, guard)
@@ -590,7 +591,7 @@ def probe(r, a: Args, done: int, world: int, out: Path, is_main: bool):
     if is_main and verdict.stop:
         print(f"train.py: the guard stops the run after iteration {done}: {verdict.stop}", file=sys.stderr)
     elif is_main and verdict.fallen:
-        print(f"train.py: probe at iteration {done}: rewards not trained on fell below their start - "
+        print(f"train.py: probe at iteration {done}: rewards not trained on fell below their {a.probe_against} - "
               f"{a.probe_tolerance}: {verdict.fallen} (the best model so far stays in {out / 'best'})", file=sys.stderr)
     if is_main:
         save_grid(imgs.float() / 255, p.prompts, a.probe_seeds, out / "probes" / f"probe_{done:06d}.png",

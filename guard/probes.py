@@ -8,8 +8,15 @@ so the numbers of two probes differ only by the policy.
 
     probe p          the mean reward of each reward model over the probe images, after p iterations
     start            the first probe (iteration 0: the base model)
-    tolerance X      a reward not trained on is "held" while it is >= its start - X
+    reference        what a fall is measured against: the reward's peak so far (default), or its start
+    tolerance X      a reward not trained on is "held" while it is >= its reference - X
     criterion        best = the highest trained-reward probe among the probes where every other reward is held
+
+Why the peak by default: on the small world the rewards not trained on first RISE with the trained one, then
+collapse; measured against the start, the collapse stays "within tolerance" long after it began (a 150-
+iteration run kept iteration 140, whose toy-clean had fallen from 0.245 to 0.086 on the probe set, 0.078 in
+the evaluation). The peak is never below the start, so it catches every fall the start does, and a lucky
+high probe can raise false alarms: keep the probe set large enough that its noise is below X.
     patience P       stop after P probes in a row without a new best (0: never)
 
 The guard is pure bookkeeping (no tensors, no ranks): train.py feeds it each probe's means, and replays the
@@ -18,19 +25,20 @@ probes of probes.jsonl after a --resume, so a resumed run reaches the same decis
 import math
 from dataclasses import dataclass, field
 
-CRITERION = "highest trained-reward probe with every other probe reward >= its start - tolerance"
+CRITERION = "highest trained-reward probe with every other probe reward >= its reference - tolerance"
 
 
 @dataclass
 class Verdict:
     """What one probe means for the run."""
-    held: bool  # every reward not trained on is >= its start - tolerance
-    fallen: dict  # reward -> how far below its start (only those beyond the tolerance)
+    held: bool  # every reward not trained on is >= its reference - tolerance
+    fallen: dict  # reward -> how far below its reference (only those beyond the tolerance)
     best: bool  # a new best by the criterion (iteration 0 included: the base model is the first candidate)
     stale: int  # probes in a row without a new best
     stop: str  # why the run should stop ('' to go on)
     best_iteration: int  # the best probe so far
-    start: dict  # the first probe's means: what "fallen" is measured against
+    start: dict  # the first probe's means
+    reference: dict  # what "fallen" was measured against at this probe (the peak of the earlier probes, or start)
 
 
 @dataclass
@@ -40,17 +48,23 @@ class Guard:
     tolerance: float = 0.05
     patience: int = 0
     stop_on_fall: bool = False  # stop when a reward not trained on falls beyond the tolerance (else: warn)
+    against: str = "peak"  # "peak": the best value of each reward so far; "start": the first probe
     start: dict = field(default_factory=dict)
+    peak: dict = field(default_factory=dict)
     best_score: float = float("-inf")
     best_iteration: int = -1
     stale: int = 0
 
     def update(self, iteration: int, means: dict) -> Verdict:
         """Take probe `means` ({reward name: mean}) after `iteration` iterations; the first one is the start."""
+        if self.against not in ("peak", "start"):
+            raise ValueError(f"against must be 'peak' or 'start', got {self.against!r}")
         if not self.start:
-            self.start = dict(means)
-        fallen = {n: self.start[n] - means[n] for n in self.others  # NaN (a diverged model) counts as fallen
-                  if not means[n] >= self.start[n] - self.tolerance}
+            self.start, self.peak = dict(means), dict(means)
+        ref = dict(self.peak if self.against == "peak" else self.start)
+        fallen = {n: ref[n] - means[n] for n in self.others  # NaN (a diverged model) counts as fallen
+                  if not means[n] >= ref[n] - self.tolerance}
+        self.peak = {n: max(self.peak[n], means[n]) if math.isfinite(means[n]) else self.peak[n] for n in self.peak}
         score = sum(means[n] for n in self.trained)
         best = not fallen and math.isfinite(score) and score > self.best_score
         if best:
@@ -59,11 +73,11 @@ class Guard:
             self.stale += 1
         stop = ""
         if fallen and self.stop_on_fall:
-            stop = "probe rewards not trained on fell: " + ", ".join(f"{n} {means[n]:.4f} < start {self.start[n]:.4f}"
-                                                                     f" - {self.tolerance}" for n in fallen)
+            stop = "probe rewards not trained on fell: " + ", ".join(
+                f"{n} {means[n]:.4f} < {self.against} {ref[n]:.4f} - {self.tolerance}" for n in fallen)
         elif self.patience and self.stale >= self.patience:
             stop = f"{self.stale} probes without a new best ({CRITERION}; best at iteration {self.best_iteration})"
-        return Verdict(not fallen, fallen, best, self.stale, stop, self.best_iteration, dict(self.start))
+        return Verdict(not fallen, fallen, best, self.stale, stop, self.best_iteration, dict(self.start), ref)
 
 
 def probe_items(prompts: list, seeds: int) -> list:

@@ -13,12 +13,15 @@ probe_means = st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 
 
 
 @settings(max_examples=200, deadline=None)
-@given(probe_means, st.floats(0, 0.3), st.integers(0, 4))
-def test_the_best_is_the_highest_trained_reward_among_held_probes(seq, tol, patience):
-    g = Guard(["r"], ["a", "b"], tol, patience)
+@given(seq=probe_means, tol=st.floats(0, 0.3), patience=st.integers(0, 4))
+@pytest.mark.parametrize("against", ["start", "peak"])
+def test_the_best_is_the_highest_trained_reward_among_held_probes(against, seq, tol, patience):
+    g = Guard(["r"], ["a", "b"], tol, patience, against=against)
     verdicts = [g.update(i, dict(zip("rab", m))) for i, m in enumerate(seq)]
-    start = dict(zip("rab", seq[0]))
-    held = [i for i, m in enumerate(seq) if all(m[j] >= start[n] - tol for j, n in ((1, "a"), (2, "b")))]
+
+    def ref(i, j):  # the first probe, or the best of the probes before i
+        return seq[0][j] if against == "start" else max(m[j] for m in seq[:max(i, 1)])
+    held = [i for i, m in enumerate(seq) if all(m[j] >= ref(i, j) - tol for j in (1, 2))]
     assert [v.held for v in verdicts] == [i in held for i in range(len(seq))]
     assert 0 in held and verdicts[0].best  # the base model is the first candidate
     best = max(held, key=lambda i: (seq[i][0], -i))  # the first of equal scores
@@ -28,9 +31,18 @@ def test_the_best_is_the_highest_trained_reward_among_held_probes(seq, tol, pati
         assert v.stale == i - max(j for j in range(i + 1) if verdicts[j].best)
 
 
+def test_a_collapse_after_a_rise_is_a_fall_from_the_peak_not_from_the_start():
+    """The small world's pattern: the reward not trained on rises with the trained one, then collapses."""
+    seq = [(0.50, 0.10), (0.55, 0.20), (0.60, 0.25), (0.70, 0.09)]
+    for against, held in (("start", [True, True, True, True]), ("peak", [True, True, True, False])):
+        g = Guard(["r"], ["a"], 0.05, against=against)
+        assert [g.update(i, {"r": r, "a": a}).held for i, (r, a) in enumerate(seq)] == held
+        assert g.best_iteration == (3 if against == "start" else 2)
+
+
 def test_a_fall_stops_only_when_asked_and_nan_counts_as_a_fall():
     for stop in (False, True):
-        g = Guard(["r"], ["a"], 0.1, stop_on_fall=stop)
+        g = Guard(["r"], ["a"], 0.1, stop_on_fall=stop, against="start")
         g.update(0, {"r": 0.5, "a": 0.5})
         v = g.update(1, {"r": 0.9, "a": 0.35})
         assert v.fallen == pytest.approx({"a": 0.15}) and not v.best and bool(v.stop) == stop
