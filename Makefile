@@ -58,7 +58,7 @@ eval: venv
 # finished leg is kept, so an interrupted run continues). Results: $(BENCH_OUT)/results.md, *.png
 BENCH_OUT ?= runs/bench
 BENCH_ARGS ?=
-.PHONY: bench bench-algos bench-lora bench-equal
+.PHONY: bench bench-algos bench-lora bench-equal bench-scale
 bench: bench-algos
 bench-algos: venv
 	$(PY) bench/algos.py --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -81,3 +81,8 @@ GPU_ARGS ?=
 .PHONY: gpu-check
 gpu-check: venv
 	$(PY) bench/gpu_check.py $(GPU_ARGS)
+
+# The paper's setting on fake tensors (no GPU): memory per phase, FLOPs, time and traffic per rank at world sizes
+# 8 and 16, and one GPU with LoRA; ~3.5 min of CPU per world size. Results: runs/bench-scale/results.md
+bench-scale: venv
+	$(PY) bench/scale.py
