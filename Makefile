@@ -70,7 +70,7 @@ bench-lora: venv
 	$(PY) bench/lora_guard.py --out $(BENCH_LORA_OUT)
 
 # Equal compute (bench/README.md, "Equal compute: the protocol"): a cheaper G2RPO against G2RPO and MixGRPO,
-# learning rate selected per method, and the ablations. ~2 h on 2 cores; resumable.
+# learning rate selected per method, and the ablations. 95 min on 2 cores shared with other work; resumable.
 BENCH_EQUAL_OUT ?= runs/bench-equal
 bench-equal: venv
 	$(PY) bench/equal.py --out $(BENCH_EQUAL_OUT)

@@ -1,6 +1,6 @@
 """Equal compute on the small CPU world: can a cheaper G2RPO match the best baseline, and the ablations.
 
-    make bench-equal                                   # everything, in the protocol's order (~2 h on 2 cores)
+    make bench-equal                                   # everything, in the protocol's order (95 min on 2 busy cores)
     python bench/equal.py --out runs/bench-equal --stage select     # only the learning-rate selection
     python bench/equal.py --out runs/bench-equal --report           # tables from the finished runs
 
