@@ -551,7 +551,6 @@ def write_log(rec, out, bar):
 class Probes:
     prompts: list  # the held-out probe prompts, each with seeds 0 .. probe_seeds - 1
     items: list  # this rank's share: (index or None for padding, (prompt, seed))
-    n: int  # probe images in all
     rewards: list  # the trained rewards, then the others
     guard: Guard
 
@@ -564,7 +563,7 @@ def set_up_probes(a: Args, prompts: list, rewards: list, rank: int, world: int, 
                   a.probe_stop, a.probe_against)
     for rec in trainrun.probes(out, upto=start):
         guard.update(rec["iteration"], rec["rewards"])
-    return Probes(prompts, share(items, rank, world), len(items), rewards + others, guard)
+    return Probes(prompts, share(items, rank, world), rewards + others, guard)
 
 
 def probe(r, a: Args, done: int, world: int, out: Path, is_main: bool):
