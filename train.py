@@ -33,7 +33,7 @@ from loss import g2rpo_loss
 from guard.probes import Guard, probe_items, share
 from policy.lora import TARGETS as LORA_TARGETS, add_lora, trainable
 from report import trainrun
-from rewards import RewardOptions, load_rewards, reward_spec_errors
+from rewards import RewardOptions, load_rewards, reward_spec_errors, spec_names
 from rollout import default_sde_steps, rescore_groups, singular_rollout, stack_images, subset_evaluations
 from sde import SCHEDULES, sigma_grid
 
@@ -127,6 +127,53 @@ def sde_steps(a: Args) -> list:
     return list(a.sde_steps) or default_sde_steps(a.T)
 
 
+def plan_errors(a: Args) -> list:
+    """The flags of the chosen --algo's sampling plan: a baseline's, or G2RPO's (Lambda, M and its variants)."""
+    errors = []
+
+    def need(ok, message):
+        if not ok:
+            errors.append(message)
+    if a.algo in BASELINES:
+        need(a.Lambda == (1,) and not a.sde_steps, f"--algo {a.algo} scores one image per trajectory and plans its "
+             "own SDE steps: drop --Lambda and --sde-steps")
+        need(not a.sde_steps_per_iteration and not a.lambda_weights, f"--algo {a.algo}: --sde-steps-per-iteration "
+             "and --lambda-weights are G2RPO's options")
+        need(a.algo != "dancegrpo" or 0 < a.train_fraction <= 1, f"--train-fraction {a.train_fraction}: in (0, 1]")
+        need(a.algo != "mixgrpo" or 1 <= a.window <= a.T, f"--window {a.window}: must be in [1, T = {a.T}]")
+        need(a.algo != "mixgrpo" or a.window_shift_every >= 1, "--window-shift-every: must be >= 1")
+    else:
+        need(a.Lambda and min(a.Lambda) >= 1 and len(set(a.Lambda)) == len(a.Lambda),
+             f"--Lambda {' '.join(map(str, a.Lambda))}: give distinct integers >= 1, e.g. --Lambda 1 2 3")
+        M = sde_steps(a)
+        need(all(0 <= k < a.T for k in M) and len(set(M)) == len(M), f"--sde-steps {' '.join(map(str, a.sde_steps))}"
+             f": distinct grid indices in [0, {a.T - 1}] for T={a.T}")
+        need(a.algo != "g2rpo-no-mgai" or a.Lambda == (1,), "--algo g2rpo-no-mgai is G2RPO with Lambda = {1}; "
+             "drop --Lambda")
+        need(0 <= a.sde_steps_per_iteration <= len(M), f"--sde-steps-per-iteration {a.sde_steps_per_iteration}: "
+             f"in [0, |M| = {len(M)}] (0: all of M)")
+        need(not a.lambda_weights or len(a.lambda_weights) == len(a.Lambda), f"--lambda-weights: one weight per "
+             f"granularity of --Lambda {' '.join(map(str, a.Lambda))}")
+    return errors
+
+
+def guard_errors(a: Args) -> list:
+    """The reward-hacking guard's flags (--probe-every)."""
+    errors = [] if math.isfinite(a.probe_tolerance) and a.probe_tolerance >= 0 else \
+        [f"--probe-tolerance {a.probe_tolerance}: must be >= 0"]
+    if a.model and not a.probe_prompts:
+        errors.append("--probe-every with --model needs --probe-prompts FILE (held-out prompts)")
+    errors += prompt_file_errors(a.probe_prompts) if a.probe_prompts else []
+    if a.probe_rewards:
+        spec = [f"--probe-rewards {e}" for e in reward_spec_errors(a.probe_rewards, asdict(a.rewards))]
+        if not spec and not reward_spec_errors(a.reward, asdict(a.rewards)):
+            both = set(spec_names(a.probe_rewards)) & set(spec_names(a.reward))
+            spec += [f"--probe-rewards {'+'.join(sorted(both))}: trained on already (the trained reward is always "
+                     "probed); name rewards NOT trained on"] * bool(both)
+        errors += spec
+    return errors
+
+
 def check_args(a: Args):
     """Stop with one clear line per problem before any work (the flags of the chosen --algo only)."""
     errors = []
@@ -152,26 +199,7 @@ def check_args(a: Args):
                            ("probe-every", a.probe_every, 0), ("probe-seeds", a.probe_seeds, 1),
                            ("probe-patience", a.probe_patience, 0)):
         need(val >= low, f"--{flag} {val}: must be >= {low}")
-    if a.algo in BASELINES:
-        need(a.Lambda == (1,) and not a.sde_steps, f"--algo {a.algo} scores one image per trajectory and plans its "
-             "own SDE steps: drop --Lambda and --sde-steps")
-        need(not a.sde_steps_per_iteration and not a.lambda_weights, f"--algo {a.algo}: --sde-steps-per-iteration "
-             "and --lambda-weights are G2RPO's options")
-        need(a.algo != "dancegrpo" or 0 < a.train_fraction <= 1, f"--train-fraction {a.train_fraction}: in (0, 1]")
-        need(a.algo != "mixgrpo" or 1 <= a.window <= a.T, f"--window {a.window}: must be in [1, T = {a.T}]")
-        need(a.algo != "mixgrpo" or a.window_shift_every >= 1, "--window-shift-every: must be >= 1")
-    else:
-        need(a.Lambda and min(a.Lambda) >= 1 and len(set(a.Lambda)) == len(a.Lambda),
-             f"--Lambda {' '.join(map(str, a.Lambda))}: give distinct integers >= 1, e.g. --Lambda 1 2 3")
-        M = sde_steps(a)
-        need(all(0 <= k < a.T for k in M) and len(set(M)) == len(M), f"--sde-steps {' '.join(map(str, a.sde_steps))}"
-             f": distinct grid indices in [0, {a.T - 1}] for T={a.T}")
-        need(a.algo != "g2rpo-no-mgai" or a.Lambda == (1,), "--algo g2rpo-no-mgai is G2RPO with Lambda = {1}; "
-             "drop --Lambda")
-        need(0 <= a.sde_steps_per_iteration <= len(M), f"--sde-steps-per-iteration {a.sde_steps_per_iteration}: "
-             f"in [0, |M| = {len(M)}] (0: all of M)")
-        need(not a.lambda_weights or len(a.lambda_weights) == len(a.Lambda), f"--lambda-weights: one weight per "
-             f"granularity of --Lambda {' '.join(map(str, a.Lambda))}")
+    errors += plan_errors(a)
     need(a.rescore_batch >= 0, f"--rescore-batch {a.rescore_batch}: must be >= 0 (0: all trained steps in one pass)")
     need(not a.step_per_k or a.rescore_batch == 1, "--step-per-k steps the optimizer after every k: it needs "
          "--rescore-batch 1")
@@ -181,15 +209,7 @@ def check_args(a: Args):
     if a.prompts:
         errors += prompt_file_errors(a.prompts)
     errors += [f"--reward {e}" for e in reward_spec_errors(a.reward, asdict(a.rewards))]
-    if a.probe_every:
-        need(math.isfinite(a.probe_tolerance) and a.probe_tolerance >= 0, f"--probe-tolerance {a.probe_tolerance}: >= 0")
-        need(not a.model or a.probe_prompts, "--probe-every with --model needs --probe-prompts FILE (held-out prompts)")
-        errors += prompt_file_errors(a.probe_prompts) if a.probe_prompts else []
-        if a.probe_rewards:
-            errors += [f"--probe-rewards {e}" for e in reward_spec_errors(a.probe_rewards, asdict(a.rewards))]
-            both = set(a.probe_rewards.split("+")) & set(a.reward.split("+"))
-            need(not both, f"--probe-rewards {'+'.join(sorted(both))}: trained on already (the trained reward is "
-                 "always probed); name rewards NOT trained on")
+    errors += guard_errors(a) if a.probe_every else []
     if errors:
         raise SystemExit("train.py: invalid arguments:\n  " + "\n  ".join(errors))
 
@@ -524,9 +544,12 @@ def peak_memory_gb(device) -> float:
     return peak / 2**30
 
 
-def start_log(a, plan, world, device, out, start, n_trained, mesh):
-    """Rank 0: the derived numbers of this run; args.json (or resumes.jsonl) and metrics.jsonl (trainrun)."""
-    P = world * a.prompts_per_rank
+def start_log(a, plan, model, world, device, out, start):
+    """Rank 0: the derived numbers of this run (the mesh as FSDP2 built it); args.json (or resumes.jsonl) and
+    metrics.jsonl (trainrun)."""
+    P, n_trained = world * a.prompts_per_rank, sum(p.numel() for p in trainable(model))
+    shape = tuple(next(model.parameters()).device_mesh.shape)
+    mesh = f"HSDP {shape[0]} x {shape[1]} (replicas x shards)" if len(shape) == 2 else f"FSDP over {shape[0]}"
     print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
           f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals:g} in {plan.calls:g} batched "
           f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | trained parameters {n_trained:,}"
@@ -673,6 +696,10 @@ def check_all(a: Args, is_main: bool):
         raise SystemExit(e.code if is_main else 1) from None
 
 
+DIVERGED = ("{} iterations in a row without an update (non-finite rewards, advantages or gradients): the run has "
+            "diverged and nothing is exported; lower --lr, or --resume from an earlier checkpoint")
+
+
 def stop(message: str, is_main: bool):
     """End every rank with exit status 1; rank 0 says why."""
     dist.destroy_process_group()
@@ -702,15 +729,13 @@ def main(argv=None):
     r = set_up(a, rank, world, device)
     model, optim, plan, meter = r.model, r.optim, r.plan, GatherMeter()
     if is_main:
-        shape = tuple(next(model.parameters()).device_mesh.shape)  # as FSDP2 built it
-        mesh = f"HSDP {shape[0]} x {shape[1]} (replicas x shards)" if len(shape) == 2 else f"FSDP over {shape[0]}"
-        start_log(a, plan, world, device, out, r.start, sum(p.numel() for p in trainable(model)), mesh)
+        start_log(a, plan, model, world, device, out, r.start)
     if r.start == 0:
         write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main)
         probe(r, a, 0, world, out, is_main) if r.probe else None  # the guard's start: the base model
-    ok, sampled_at, done = True, None, r.start  # the last sample grid: finite, at which iteration; iterations done
+    # the last sample grid: finite, at which iteration; iterations done; iterations in a row without an update
+    ok, sampled_at, done, idle = True, None, r.start, 0
     bar = tqdm(range(r.start, a.iterations), initial=r.start, total=a.iterations, disable=not is_main, dynamic_ncols=True)
-    idle = 0  # iterations in a row without an update
 
     for it in bar:  # line 3: for each training iteration
         t0 = time.time()
@@ -739,8 +764,7 @@ def main(argv=None):
             write_log(rec, out, bar)
         idle = 0 if rec["optimizer_steps"] else idle + 1  # the same on every rank (all_true above)
         if idle >= a.max_skipped:
-            stop(f"{idle} iterations in a row without an update (non-finite rewards, advantages or gradients): the "
-                 "run has diverged and nothing is exported; lower --lr, or --resume from an earlier checkpoint", is_main)
+            stop(DIVERGED.format(idle), is_main)
         if a.checkpoint_every and (it + 1) % a.checkpoint_every == 0:
             ok, sampled_at = checkpoint(r, a, it + 1, rank, out, is_main), it + 1
         done = it + 1

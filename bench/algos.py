@@ -94,6 +94,18 @@ def run_leg(run_dir: Path, algo, extra, seed: int, iterations: int, port: int, l
     log(f"  {time.time() - t0:.0f} s (with start-up and export)")
 
 
+def logger(out: Path):
+    """log(msg): a time-stamped line on stdout and in out/bench.log (seconds since this call)."""
+    t0 = time.time()
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')} +{time.time() - t0:5.0f}s] {msg}"
+        print(line, flush=True)
+        with open(out / "bench.log", "a") as f:
+            f.write(line + "\n")
+    return log
+
+
 def evaluate(model_dir: Path, path: Path) -> dict:
     """toy.reward_table of a model folder (EVAL_N samples per prompt, EVAL_T steps), cached in `path`."""
     if not path.exists():
@@ -253,13 +265,7 @@ def main(argv=None):
     except ValueError:
         ap.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 42,43,44")
     out = Path(args.out)
-    t_start = time.time()
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')} +{time.time() - t_start:5.0f}s] {msg}"
-        print(line, flush=True)
-        with open(out / "bench.log", "a") as f:
-            f.write(line + "\n")
+    t_start, log = time.time(), logger(out)
 
     if not args.report:
         out.mkdir(parents=True, exist_ok=True)

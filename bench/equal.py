@@ -26,7 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.algos import COLUMNS, curves, fmt, scores  # noqa: E402
+from bench.algos import COLUMNS, curves, fmt, logger, scores  # noqa: E402
 
 ITERATIONS = 50  # G2RPO's iterations; the rollout budget is what it spends in them
 LRS = (3e-5, 1e-4, 3e-4)
@@ -119,13 +119,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')} +{time.time() - t0:5.0f}s] {msg}"
-        print(line, flush=True)
-        with open(out / "bench.log", "a") as f:
-            f.write(line + "\n")
+    log = logger(out)
 
     if not args.report and args.stage in ("all", "select"):
         for i, ((label, flags), lr) in enumerate((m, lr) for m in METHODS for lr in LRS):

@@ -128,6 +128,11 @@ def test_resume_equals_straight_run(tiny_model, tmp_path):
     (["--algo", "dancegrpo", "--Lambda", "1", "2"], "drop --Lambda"),
     (["--algo", "g2rpo-no-mgai", "--Lambda", "1", "2"], "g2rpo-no-mgai"),
     (["--reward", "foo"], "unknown reward 'foo'"), (["--reward", "toy-adherence+"], "distinct reward names"),
+    (["--probe-every", "5", "--probe-rewards", "toy-clean+toy-adherence"], "toy-adherence: trained on already"),
+    (["--probe-every", "5", "--probe-tolerance", "-1"], "--probe-tolerance -1.0"),
+    (["--probe-every", "5", "--probe-rewards", "foo"], "--probe-rewards unknown reward 'foo'"),
+    (["--sde-steps-per-iteration", "5"], "--sde-steps-per-iteration 5"),
+    (["--step-per-k", "--rescore-batch", "0"], "needs --rescore-batch 1"),
     (["--reward", "hps"], "needs --hps-checkpoint"), (["--reward", "clip", "--clip-model", "/no/clip"], "/no/clip")])
 def test_bad_arguments_stop_with_a_clear_message(argv, msg):
     with pytest.raises(SystemExit) as e:
