@@ -361,6 +361,57 @@ def build_policy(s: Setting, device):
     return policy, train.shard_model(transformer, torch.device(device), "bf16", False)
 
 
+def encode(s: Setting, device):
+    """The prompt encoding as policy.flux.FluxPolicy.encode_prompts runs it (T5-XXL and CLIP-L, batch 1, then
+    freed) -> the stored Cond in bf16."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from policy.flux import Cond
+    with torch.device(device):  # built on the device (.to() cannot swap tracked fake parameters)
+        t5 = T5EncoderModel(T5Config(**s.t5)).eval()
+        clip_text = CLIPTextModel(CLIPTextConfig(**s.clip_text)).eval()
+    with torch.no_grad():
+        seq = t5(torch.zeros(1, s.seq_len, dtype=torch.long, device=device))[0]  # (1, S, D)
+        pooled = clip_text(torch.zeros(1, 77, dtype=torch.long, device=device)).pooler_output  # (1, P)
+    del t5, clip_text
+    return Cond(seq.bfloat16(), pooled.bfloat16())
+
+
+def train_phases(rec, tracker, policy, caller, optim, sampled, A, a, device, full, checkpointing):
+    """Lines 24-26 of one iteration, each as a phase of `rec`: the per-k update (one k run, its counts x |M|, with
+    an earlier k's gradients present, unless `full`) and the one-pass update, without and with activation
+    checkpointing. Returns the per-k update's statistics."""
+    import train
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+    model = caller.model
+    model.train()
+    n = len(sampled.rollout.groups)
+    for ac in checkpointing:
+        if ac:
+            model.enable_gradient_checkpointing()  # what shard_model(activation_checkpointing=True) does
+        tag = " AC" if ac else ""
+        short = full or n == 1
+        if not short:  # one k, with the gradients of an earlier k present (the steady state)
+            for p in trainable(model):
+                p.grad = torch.zeros_like(p)
+                # filed as the tracker files FSDP's own gradients
+                tracker._update_and_maybe_create_winfos(p.grad._local_tensor, _FSDPRefType.SHARDED_GRAD, True)
+        step = train.clip_and_step
+        train.clip_and_step = rec.wrap(f"optimizer step{tag}", step, note="clip_grad_norm_ + AdamW")
+        try:
+            one = replace(sampled, rollout=replace(sampled.rollout, groups=sampled.rollout.groups[:1]))
+            with rec.phase(f"train per-k{tag}", scale=1 if short else n,
+                           note=f"{n} x (forward+backward, batch 1)" + ("" if short else ": 1 run, counts x n")):
+                stats = train.update(policy, caller, optim, [sampled if short else one],
+                                     [A if short else A[:1]], a, device)
+        finally:
+            train.clip_and_step = step
+        with rec.phase(f"train one-pass{tag}", note=f"1 x (forward+backward, batch {n}): train.update "
+                       "--rescore-batch 0, its optimizer step included"):
+            train.update(policy, caller, optim, [sampled], [A], replace(a, rescore_batch=0), device)
+        optim.zero_grad(set_to_none=True)
+    return stats
+
+
 def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(False, True), flop_counter=None,
              rss=False) -> dict:
     """One rank of one iteration, phase by phase. Needs an initialised process group (fake or real).
@@ -368,15 +419,12 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
     independent measurements to every phase."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     import train
     from advantage import mixed_advantage
-    from policy.flux import Cond
 
-    SHARDED_GRAD = _FSDPRefType.SHARDED_GRAD  # how the tracker files FSDP's own gradients
     device = "cpu"
     a = replace(train.Args(), G=s.G, T=s.T, Lambda=tuple(s.Lambda), sde_steps=tuple(s.M))
     meter = Meter()
@@ -406,15 +454,9 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
             train.clip_and_step(model, optim, a, device)
 
             with rec.phase("encode", note="T5-XXL + CLIP-L in fp32 (the policy's dtype), batch 1"):
-                with torch.device(device):  # built on the device (.to() cannot swap tracked fake parameters)
-                    t5 = T5EncoderModel(T5Config(**s.t5)).eval()
-                    clip_text = CLIPTextModel(CLIPTextConfig(**s.clip_text)).eval()
-                with torch.no_grad():
-                    seq = t5(torch.zeros(1, s.seq_len, dtype=torch.long, device=device))[0]  # (1, S, D)
-                    pooled = clip_text(torch.zeros(1, 77, dtype=torch.long, device=device)).pooler_output  # (1, P)
-                del t5, clip_text
+                cond = encode(s, device)
             prompt = "a photo of a cat"
-            policy._store(prompt, Cond(seq.bfloat16(), pooled.bfloat16()))
+            policy._store(prompt, cond)
             hps.text_features([prompt])
             plan = train.G2RPO(a, train.sigma_grid(a.T, a.shift).to(device))
 
@@ -435,31 +477,7 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
             del policy.decode, hps.score  # back to the methods
 
             # lines 24-26: per k (train.update as it is), or one pass; with and without checkpointing
-            model.train()
-            n = len(sampled.rollout.groups)
-            for ac in checkpointing:
-                if ac:
-                    model.enable_gradient_checkpointing()  # what shard_model(activation_checkpointing=True) does
-                tag = " AC" if ac else ""
-                short = full or n == 1
-                if not short:  # one k, with the gradients of an earlier k present (the steady state)
-                    for p in trainable(model):
-                        p.grad = torch.zeros_like(p)
-                        tracker._update_and_maybe_create_winfos(p.grad._local_tensor, SHARDED_GRAD, True)
-                step = train.clip_and_step
-                train.clip_and_step = rec.wrap(f"optimizer step{tag}", step, note="clip_grad_norm_ + AdamW")
-                try:
-                    one = replace(sampled, rollout=replace(sampled.rollout, groups=sampled.rollout.groups[:1]))
-                    with rec.phase(f"train per-k{tag}", scale=1 if short else n,
-                                   note=f"{n} x (forward+backward, batch 1)" + ("" if short else ": 1 run, counts x n")):
-                        stats = train.update(policy, caller, optim, [sampled if short else one],
-                                             [A if short else A[:1]], a, device)
-                finally:
-                    train.clip_and_step = step
-                with rec.phase(f"train one-pass{tag}", note=f"1 x (forward+backward, batch {n}): train.update "
-                               "--rescore-batch 0, its optimizer step included"):
-                    train.update(policy, caller, optim, [sampled], [A], replace(a, rescore_batch=0), device)
-                optim.zero_grad(set_to_none=True)
+            stats = train_phases(rec, tracker, policy, caller, optim, sampled, A, a, device, full, checkpointing)
 
             with rec.phase("checkpoint", note="get_state_dict(model, optim) as train.save_checkpoint"):
                 msd, osd = get_state_dict(model, optim, options=train.trained_only())
