@@ -250,12 +250,18 @@ def shard_model(transformer, device, mixed_precision: str, activation_checkpoint
     world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,)) if replicas == 1 else \
         init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+    # bf16: the root casts the model's inputs (as FluxPipeline passes them in the model dtype; the transformer
+    # casts t and the guidance to it itself), the blocks cast nothing: the rotary tables the root computes from
+    # the position ids stay fp32 inside every block, as in FluxPipeline and an unsharded bf16 model (FSDP2's
+    # default would cast each block's inputs, the tables included, to bf16). Position ids are integers < 256:
+    # exact in bf16 up to 4096 px.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    block_mp = replace(mp, cast_forward_inputs=False)
     if activation_checkpointing:
         transformer.enable_gradient_checkpointing()
     for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=block_mp)
     return fully_shard(transformer, mesh=mesh, mp_policy=mp)
 
 

@@ -1,0 +1,49 @@
+"""Training, evaluation and the exported model compute the same function under bf16 (the GPU issue's item 2).
+
+FSDP2's MixedPrecisionPolicy casts each sharded module's floating inputs to param_dtype by default: sharded per
+block, that would hand every FLUX block bf16 rotary tables, while evaluate.py, FluxPipeline and an unsharded
+bf16 transformer keep them fp32. train.shard_model casts only the root's inputs; this pins it."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import train
+from policy.flux import FluxPolicy
+from tiny_flux import save_tiny_flux
+
+
+@pytest.fixture()
+def one_rank_group(tmp_path):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sharded_bf16_transformer_equals_the_unsharded_bf16_model(one_rank_group, tmp_path):
+    """The same bf16 inputs into the FSDP2 bf16 transformer (fp32 master weights, train.shard_model) and into the
+    unsharded bf16 transformer that evaluate.py and FluxPipeline run: bitwise the same velocity, fp32 rotary
+    tables in every block. (Through FluxPolicy.velocity the two differ by one bf16 step in places only because
+    the unsharded call gets the prompt embedding expanded with stride 0, which picks another CPU matmul path.)"""
+    save_tiny_flux(tmp_path / "flux")
+    fp32 = FluxPolicy.from_pretrained(tmp_path / "flux", dtype=torch.float32, height=32, width=32)  # fp32 master
+    bf16 = FluxPolicy.from_pretrained(tmp_path / "flux", dtype=torch.bfloat16, height=32, width=32)  # evaluate.py
+    seen = []
+    for block in list(fp32.transformer.transformer_blocks) + list(fp32.transformer.single_transformer_blocks):
+        block.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["image_rotary_emb"][0].dtype),
+                                        with_kwargs=True)
+    model = train.shard_model(fp32.transformer, torch.device("cpu"), "bf16", False)
+    cond = bf16.embed("a red cat on the blue house")
+    B = 3
+    inputs = dict(hidden_states=fp32.noise(B, generator=torch.Generator().manual_seed(0)).bfloat16(),
+                  timestep=torch.tensor([0.9, 0.5, 0.2]), guidance=torch.full((B,), 3.5),
+                  encoder_hidden_states=cond.prompt_embeds.expand(B, -1, -1).contiguous(),
+                  pooled_projections=cond.pooled.expand(B, -1).contiguous(),
+                  txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3), img_ids=fp32.img_ids, return_dict=False)
+    with torch.no_grad():
+        v_sharded, v_plain = model(**inputs)[0], bf16.transformer(**inputs)[0]
+    assert len(seen) == 2 and set(seen) == {torch.float32}, f"the blocks got {seen} rotary tables"
+    assert v_sharded.dtype == v_plain.dtype == torch.bfloat16
+    assert torch.equal(v_sharded, v_plain), (v_sharded - v_plain).abs().max()
