@@ -33,7 +33,9 @@ import torch.distributed as dist
 import transformers
 import tyro
 
-from data.prompts import prompt_file_errors, read_prompts
+from data.prompts import encoding_share, prompt_file_errors, read_prompts
+from launch import collectives
+from launch.shared_folder import check_shared
 from policy.flux import FluxPolicy, fingerprint_files, sample
 from policy.lora import add_lora, base_of, is_lora_folder, load_lora
 from report import runs
@@ -68,38 +70,13 @@ class Args:
     grid_prompts: int = 6  # rows (prompts) of the qualitative grid
     device: str = ""  # cuda or cpu (empty: cuda if available)
     dtype: str = ""  # transformer dtype bf16 or fp32 (empty: bf16 on cuda, fp32 on cpu)
+    collective_timeout: float = collectives.DEFAULT_TIMEOUT_MIN  # minutes a rank waits for the others (NCCL watchdog)
 
 
 # ------------------------------------------------------------------------------------------------
-# Distributed plumbing. torchrun sets WORLD_SIZE; a plain `python evaluate.py` is a world of one and needs no
-# process group. Ranks share nothing but the output folder and one gather of the new scores per model.
-# ------------------------------------------------------------------------------------------------
-def setup(device_pref: str):
-    rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    use_cuda = (device_pref or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, torch.device("cuda", local) if use_cuda else torch.device("cpu")
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def gather(obj, world) -> list:
-    """[obj of rank 0, ..., obj of rank world-1] on rank 0, None elsewhere."""
-    if world == 1:
-        return [obj]
-    out = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Models, prompts and the images to make
+# Models, prompts and the images to make. Ranks (torchrun; a plain `python evaluate.py` is a world of one,
+# with no process group) share nothing but the output folder and one gather of the new scores per model
+# (launch/collectives.py).
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class ModelRef:
@@ -222,11 +199,11 @@ def start_run(ref: ModelRef, ctx: Context, run: Path) -> dict:
              **({"lora": str(ref.lora)} if ref.lora else {}), "fingerprint": weights[:16]}
     manifest = {"name": ref.name, "model": model, "settings": ctx.settings, "images": [asdict(it) for it in ctx.items]}
     runs.check_manifest(run, manifest)  # every rank checks, so all of them stop together
-    barrier(ctx.world)
+    collectives.barrier()
     if ctx.rank == 0:
         (run / "images").mkdir(parents=True, exist_ok=True)
         write_text(run / "manifest.json", json.dumps(manifest, indent=1))
-    barrier(ctx.world)
+    collectives.barrier()
     return manifest
 
 
@@ -252,15 +229,17 @@ def sample_and_score(ref: ModelRef, ctx: Context, run: Path, done: dict):
     """This rank's batches: sample the missing images, score them; new scores go to scores.part<rank>.jsonl."""
     a = ctx.args
     mine = rank_batches(ctx.items, a.batch_size, ctx.rank, ctx.world)
-    todo_prompts = list(dict.fromkeys(it.prompt for b in mine for it in b if not (run / it.file).is_file()))
+    needs = [[it.prompt for b in rank_batches(ctx.items, a.batch_size, r, ctx.world) for it in b
+              if not (run / it.file).is_file()] for r in range(ctx.world)]  # every rank sees the same files here
     policy, new, count = None, [], {"sampled": 0, "on_disk": 0, "scored": 0}
+    if needs[ctx.rank]:  # the prompts of this rank's missing images, encoded by one rank each into the shared cache
+        policy = load_policy(ref, a, ctx.device, ctx.dtype, run.parent / "prompt_cache")
+        policy.encode_prompts(encoding_share(needs, ctx.rank), batch_size=1)  # alone: the same numbers on any world
+    collectives.barrier()
     with open(run / f"scores.part{ctx.rank}.jsonl", "a") as part:
         for batch in mine:
             missing = {it.index for it in batch if not (run / it.file).is_file()}
             if missing:
-                if policy is None:
-                    policy = load_policy(ref, a, ctx.device, ctx.dtype, run.parent / "prompt_cache")
-                    policy.encode_prompts(todo_prompts, batch_size=1)  # alone: the same numbers on any world size
                 x = sample(policy, [it.prompt for it in batch], [it.seed for it in batch], a.steps, a.shift,
                            batch_size=len(batch))  # (b, 3, H, W) in [0, 1], the whole batch
                 bad = [it for it, ok in zip(batch, x.flatten(1).isfinite().all(1).tolist()) if not ok]
@@ -295,7 +274,7 @@ def evaluate_model(ref: ModelRef, ctx: Context) -> dict:
     failures = []
     for s in (s for s in ctx.scorers.values() if hasattr(s, "failures")):  # UnifiedReward's unparsable replies
         failures, s.failures = failures + s.failures, []
-    everything = gather({"new": new, "count": count, "failures": failures}, ctx.world)
+    everything = collectives.gather_objects({"new": new, "count": count, "failures": failures})
     if ctx.rank != 0:
         return None
     for g in everything[1:]:
@@ -314,7 +293,7 @@ def evaluate_model(ref: ModelRef, ctx: Context) -> dict:
 # ------------------------------------------------------------------------------------------------
 def resolve_models(a: Args, rank: int, world: int) -> list:
     refs = [resolve_model(s, a.base) for s in a.model or ["toy"]] if rank == 0 else None  # rank 0 pretrains once
-    barrier(world)
+    collectives.barrier()
     refs = refs or [resolve_model(s, a.base) for s in a.model or ["toy"]]
     if a.names:
         if len(a.names) != len(refs):
@@ -358,7 +337,10 @@ def main(argv=None):
     a = tyro.cli(Args, args=argv)
     if a.compare:
         return compare(a.compare, Path(a.out), a.grid_prompts)
-    rank, world, device = setup(a.device)
+    if not (math.isfinite(a.collective_timeout) and a.collective_timeout >= 1):
+        raise SystemExit(f"evaluate.py: --collective-timeout {a.collective_timeout}: minutes, >= 1")
+    rank, world, device = collectives.init(a.device, a.collective_timeout, "evaluate.py", group_of_one=False)
+    check_shared(Path(a.out), rank, "evaluate.py")  # every rank writes images and scores into --out
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     threads = torch.get_num_threads()
@@ -380,7 +362,7 @@ def main(argv=None):
         results = []
         for ref in refs:
             results.append((Path(a.out) / ref.name, evaluate_model(ref, ctx)))
-            barrier(world)
+            collectives.barrier()
         if rank == 0 and len(refs) > 1:
             compare([str(run) for run, _ in results], Path(a.out), a.grid_prompts)
         elif rank == 0:

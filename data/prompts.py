@@ -48,3 +48,12 @@ def future_prompts(sampler: PromptSampler, iterations: int) -> list:
     copy = PromptSampler(sampler.prompts, sampler.seed, sampler.rank, sampler.world, sampler.per_rank)
     copy.position = sampler.position
     return list(dict.fromkeys(p for _ in range(iterations) for _, p in copy.next()))
+
+
+def encoding_share(needs: list, rank: int) -> list:
+    """The prompts rank `rank` encodes into a shared prompt cache, given every rank's list of the prompts it needs
+    (needs[r]): each distinct prompt goes to exactly one of the ranks that need any (round robin in order of first
+    need), so no two ranks ever write one cache file and no rank loads the text encoders for others only."""
+    distinct = list(dict.fromkeys(p for need in needs for p in need))
+    workers = [r for r, need in enumerate(needs) if need]
+    return distinct[workers.index(rank)::len(workers)] if rank in workers else []

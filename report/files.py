@@ -5,6 +5,7 @@ content is written to a hidden temporary sibling, then renamed over the target (
 on POSIX within one folder).
 """
 import os
+import secrets
 from pathlib import Path
 
 
@@ -14,7 +15,7 @@ def atomic_write(path, write):
     work; a failed write leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp{secrets.token_hex(8)}{path.suffix}")  # unique across hosts (pids are not)
     try:
         write(tmp)
         os.replace(tmp, path)

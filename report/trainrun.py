@@ -14,10 +14,12 @@ A folder that holds a run is continued only with --resume, and only with the sam
 settings; --overwrite clears it first (the prompt cache is kept). Everything here reads the file
 system only, so every rank reaches the same answer without a collective.
 """
+import atexit
 import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "reward_curve.png", "final", "final.tmp", "probes.jsonl",
@@ -93,19 +95,71 @@ def probes(out: Path, upto: int) -> list:
 
 def take_lock(out: Path, overwrite: bool = False):
     """Rank 0: an exclusive lock on out/.lock for the life of the process; SystemExit if another run holds it.
-    overwrite=True: then remove the previous run's files (clear), under the lock."""
+    overwrite=True: then remove the previous run's files (clear), under the lock. Where the file system has no
+    flock (Lustre mounted without -o flock, some NFS: OSError), an owner file made with O_EXCL instead."""
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / ".lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        raise SystemExit(f"train.py: --out {out} is in use by another run (pid {handle.read().strip() or '?'}); "
+        raise SystemExit(f"train.py: --out {out} is in use by another run ({handle.read().strip() or '?'}); "
                          "wait for it or choose another --out")
-    handle.seek(0), handle.truncate(), handle.write(str(os.getpid())), handle.flush()
+    except OSError as e:
+        handle.close()
+        handle = owner_lock(out, e)
+    else:
+        handle.seek(0), handle.truncate(), handle.write(_me()), handle.flush()
     if overwrite:
         clear(out)
     return handle  # keep it referenced: closing it releases the lock
+
+
+def _me() -> str:
+    return f"host {socket.gethostname()} pid {os.getpid()}"
+
+
+class OwnerLock:
+    """out/.lock.owner, created exclusively (O_EXCL works on every POSIX and network file system) and removed at
+    exit. Unlike flock it survives a kill -9: a leftover owner file of this host whose process is gone is taken
+    over; one of another host cannot be checked from here and is named for the user to delete."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        atexit.register(self.release)
+
+    def release(self):
+        if self.path.is_file() and self.path.read_text() == _me():
+            self.path.unlink(missing_ok=True)
+
+
+def owner_lock(out: Path, why: OSError) -> OwnerLock:
+    path = out / ".lock.owner"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = path.read_text().strip() if path.is_file() else "?"
+            host, _, pid = holder.removeprefix("host ").partition(" pid ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # stale: its run is gone
+                continue
+            raise SystemExit(f"train.py: --out {out} is in use by another run ({holder}, in {path}: this file system "
+                             f"has no flock: {why.strerror or why}); if no run uses the folder, delete {path}")
+        with os.fdopen(fd, "w") as f:
+            f.write(_me())
+        return OwnerLock(path)
+    raise SystemExit(f"train.py: --out {out}: could not take {path}; delete it if no run uses the folder")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def clear(out: Path):

@@ -74,6 +74,9 @@ def test_the_guard_stops_a_run_and_keeps_the_best(tiny_model, tmp_path):
     assert stops and all(p["stop"] == "" for p in probes[:-1])  # this run stops early; the first stop ends it
     done = stops[0]
     assert done < 10 and "the guard stops the run" in r.stdout + r.stderr
+    # its cost at start: 6 prompts x 1 seed, shared by 2 ranks, T = 4 steps; against 1 iteration of 1 prompt
+    assert "guard: a probe every 1 iterations = 6 prompts x 1 seeds = 6 ODE samples of 4 steps, 12 model " \
+           "evaluations per rank" in r.stdout
     assert [m["iteration"] for m in metrics(out)] == list(range(1, done + 1))
     assert [m["probe"] for m in metrics(out)] == [p["rewards"] for p in probes[1:]]
     assert (out / "final").is_dir() and (out / f"samples_{done:06d}.png").is_file()

@@ -1,0 +1,128 @@
+"""The process group, and every collective train.py and evaluate.py issue themselves, in one place.
+
+Why one place: NCCL takes CUDA tensors only. A CPU tensor in an all_reduce under NCCL raises
+`No backend type associated with device type cpu`, and on FLUX.1-dev that happens after the first
+iteration's minutes of 8 GPUs; gloo takes CPU tensors, so a CPU run never shows it. Every function
+here therefore moves its tensors to `backend_device()` (the device the group's backend is registered
+for) and hands back Python values, or tensors on the caller's device: a caller cannot pass the wrong
+device. Object collectives (pickled) carry CPU tensors only: a pickled CUDA tensor would unpickle onto
+the sender's GPU index on the receiver. tests/test_collectives.py holds every caller to this module
+(no `dist.<collective>` elsewhere) and runs each function under a CUDA-only group.
+
+Without a process group (a plain `python evaluate.py`) every function is the world-of-one answer.
+
+    init()              torchrun's RANK/LOCAL_RANK/WORLD_SIZE -> (rank, world, device); the backend
+                        (NCCL on CUDA, gloo on the CPU), `device_id` bound at init (NCCL then knows
+                        each rank's GPU for barriers), and a timeout long enough for rank-0-only work
+    all_true(flag)      every rank's flag is True (a skipped update must be skipped everywhere)
+    mean_over_ranks(d)  {name: tensor} -> the same-shaped means, in ONE all_reduce
+    all_gather_objects  [obj of rank 0, ..., obj of rank W-1] on every rank
+    gather_objects      the same on rank 0 only (None elsewhere)
+    barrier()
+"""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_map
+
+# The collective timeout (NCCL's watchdog) must outlast the longest step one rank does while the others wait
+# in a collective: rank 0 alone writes the exported model (FLUX.1-dev in fp32: 47.6 GB, ~4 min at 200 MB/s on a
+# shared file system, `final/` and every new `best/`), probe grids, and clears an --overwrite'n run folder.
+# PyTorch's default for NCCL is 10 minutes; 60 leaves room for a slow disk and still ends a hung job.
+DEFAULT_TIMEOUT_MIN = 60.0
+
+
+def init(device_pref: str = "", timeout_min: float = DEFAULT_TIMEOUT_MIN, who: str = "train.py",
+         group_of_one: bool = True):
+    """Start the process group from torchrun's environment. A plain `python` run is a world of one, with a
+    group of one when `group_of_one` (FSDP2 and DCP need one) and none otherwise. Returns (rank, world,
+    device). Under torchrun a rank stops (SIGTERM) when its launcher dies, instead of running on as an orphan.
+    Stops with one line when the ranks cannot each have their own GPU (NCCL refuses two ranks on one)."""
+    if "RANK" in os.environ and sys.platform == "linux":
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: signal us when the parent exits
+        if os.getppid() == 1:  # the launcher died before we asked
+            raise SystemExit(f"{who}: the launcher (torchrun) is gone")
+    rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    use_cuda = (device_pref or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if use_cuda:
+        n = torch.cuda.device_count()
+        if local >= n:  # NCCL: "Duplicate GPU detected"
+            raise SystemExit(f"{who}: local rank {local} needs GPU {local}, but {n} {'is' if n == 1 else 'are'} "
+                             f"visible: start one process per GPU (--nproc_per_node {n}), or run on --device cpu")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:  # small CPU matmuls: one thread per process beats oversubscribed spinning
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if world > 1 or group_of_one:
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(29500 + os.getpid() % 1000))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min),
+                                device_id=device if use_cuda else None)
+    return rank, world, device
+
+
+def backend_device() -> torch.device:
+    """Where this process's collectives run: the CPU when the group's backend takes CPU tensors (gloo), else
+    this rank's GPU (NCCL, or any group registered for CUDA only). Read from the group, not assumed."""
+    if "cpu" in {part.split(":")[0] for part in dist.get_backend_config().split(",")}:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank iff `flag` is True on every rank."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([0.0 if flag else 1.0], device=backend_device())
+    dist.all_reduce(t)
+    return t.item() == 0
+
+
+def mean_over_ranks(parts: dict) -> dict:
+    """{name: tensor (any device)} -> {name: the same-shaped mean over ranks, float32 on the CPU}, in ONE
+    all_reduce on the backend's device."""
+    flat = torch.cat([t.detach().flatten().float().to(backend_device() if world_size() > 1 else "cpu")
+                      for t in parts.values()])
+    if world_size() > 1:
+        dist.all_reduce(flat)
+        flat /= world_size()
+    flat = flat.cpu()
+    return {k: v.view(t.shape) for (k, t), v in zip(parts.items(), flat.split([t.numel() for t in parts.values()]))}
+
+
+def _on_cpu(obj):
+    return tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, obj)
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, ..., obj of rank W-1] on every rank (tensors inside come back on the CPU)."""
+    if world_size() == 1:
+        return [_on_cpu(obj)]
+    out = [None] * world_size()
+    dist.all_gather_object(out, _on_cpu(obj))
+    return out
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, ..., obj of rank W-1] on rank 0, None on the others (tensors inside on the CPU)."""
+    if world_size() == 1:
+        return [_on_cpu(obj)]
+    out = [None] * world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(_on_cpu(obj), out, dst=0)
+    return out
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()

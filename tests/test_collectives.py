@@ -1,0 +1,163 @@
+"""No collective meets a tensor its backend does not take (launch/collectives.py).
+
+Under NCCL every collective needs CUDA tensors; gloo takes CPU ones, so a CPU run never shows a CPU tensor in an
+all_reduce, which stops every GPU run after its first iteration. Two tests together hold the whole class:
+1. every collective that train.py, evaluate.py and what they import issue goes through launch/collectives.py
+   (a source scan: a new `dist.all_reduce(...)` anywhere else fails it);
+2. every tensor collective of launch/collectives.py, and the loop's own functions that feed them
+   (train.sample_prompt -> train.log_record, train.clip_and_step, train.write_samples), run under
+   a process group registered for CUDA only, on fake CUDA tensors (no GPU needed), with the backend's device check
+   NCCL makes (`No backend type associated with device type cpu`) reproduced at the dispatcher.
+"""
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+ROOT = Path(__file__).resolve().parent.parent
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "gather", "gather_object", "scatter",
+               "scatter_object_list", "reduce", "barrier", "monitored_barrier", "all_to_all", "all_to_all_single",
+               "send", "recv", "isend", "irecv", "batch_isend_irecv", "all_reduce_coalesced"}
+
+
+def shipped_files():
+    """train.py, evaluate.py and every module of the folders they (and the benchmarks' drivers) import."""
+    files = [ROOT / "train.py", ROOT / "evaluate.py"]
+    for folder in ("launch", "guard", "report", "policy", "data", "rewards", "baselines", "toy"):
+        files += sorted((ROOT / folder).glob("*.py"))
+    return [f for f in files if f != ROOT / "launch" / "collectives.py"]
+
+
+def direct_collectives(path: Path) -> list:
+    """'file:line name' of each call of a torch.distributed collective outside launch/collectives.py."""
+    tree, found = ast.parse(path.read_text()), []
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            imported |= {a.asname or a.name for a in node.names if a.name in COLLECTIVES}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        via_dist = isinstance(f, ast.Attribute) and ast.unparse(f.value) in ("dist", "torch.distributed")
+        if name in COLLECTIVES and via_dist or isinstance(f, ast.Name) and name in imported:
+            found.append(f"{path.name}:{node.lineno} {name}")
+    return found
+
+
+def test_every_collective_goes_through_launch_collectives():
+    found = [hit for f in shipped_files() for hit in direct_collectives(f)]
+    assert not found, ("collectives outside launch/collectives.py (whose functions put tensors on the device the "
+                       f"backend takes): {found}")
+
+
+def test_the_scan_sees_a_direct_collective(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch.distributed as dist\nfrom torch.distributed import barrier as b\n"
+                   "def f(x):\n    dist.all_reduce(x.cpu())\n    b()\n")
+    assert [h.split()[1] for h in direct_collectives(bad)] == ["all_reduce", "b"]
+
+
+class BackendDevices(TorchDispatchMode):
+    """The backend's device check at the dispatcher: a c10d op on a tensor of a device type the group has no
+    backend for raises what ProcessGroup raises under NCCL. Fake tensors hold no values: .item() answers 1."""
+
+    def __init__(self, accepted=("cuda",)):
+        super().__init__()
+        self.accepted, self.seen = accepted, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in ("c10d", "_c10d_functional"):
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((func.name(), t.device.type))
+                    if t.device.type not in self.accepted:
+                        raise RuntimeError(f"No backend type associated with device type {t.device.type}")
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            return True if args[0].dtype == torch.bool else 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture()
+def cuda_only_group(monkeypatch):
+    """A 2-rank group whose backend is registered for CUDA tensors only (as NCCL), on fake CUDA tensors."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the GPU this rank would be bound to
+    dist.init_process_group("cuda:fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_cpu_tensor_fails_under_the_cuda_only_group(cuda_only_group):
+    """The check itself: what train.mean_over_ranks did before launch/collectives.py (all_reduce on the CPU)."""
+    with FakeTensorMode(allow_non_fake_inputs=True), BackendDevices():
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.ones(3))
+        dist.all_reduce(torch.ones(3, device="cuda"))
+
+
+def test_collectives_take_any_device_under_the_cuda_only_group(cuda_only_group):
+    from launch import collectives
+    check = BackendDevices()
+    with FakeTensorMode(allow_non_fake_inputs=True), check:
+        assert collectives.backend_device().type == "cuda"
+        means = collectives.mean_over_ranks({"a": torch.ones(2, 3), "b": torch.zeros(1, device="cuda")})
+        assert means["a"].shape == (2, 3) and means["a"].device.type == "cpu"  # results for .item() / logs
+        collectives.all_true(True)  # its answer is a fake tensor's .item(): nothing to check but the device
+    assert {op for op, _ in check.seen} >= {"c10d::allreduce_"} and {d for _, d in check.seen} == {"cuda"}
+
+
+def test_objects_cross_on_the_cpu():
+    from launch.collectives import _on_cpu
+    obj = ([1, 2], torch.ones(2, requires_grad=True) * 2, {"x": torch.zeros(1)})
+    moved = _on_cpu(obj)
+    assert moved[0] == [1, 2] and all(t.device.type == "cpu" and not t.requires_grad
+                                      for t in (moved[1], moved[2]["x"]))
+
+
+def test_the_loop_under_a_cuda_only_group(cuda_only_group, tmp_path):
+    """One iteration's collectives on the objects the loop makes: the rollout (train.sample_prompt, rewards that
+    score on the CPU as the toy ones do), Eqs. 8/11, the step (train.clip_and_step -> all_true), the
+    record (train.log_record -> mean_over_ranks), the sample grid's finiteness (train.write_samples)."""
+    import train
+    from advantage import mixed_advantage
+    from policy.flux import FluxPolicy
+    from rewards import load_rewards
+    from sde import sigma_grid
+    from tiny_flux import save_tiny_flux, transformer as tiny_transformer
+    save_tiny_flux(tmp_path / "flux", pixel_space=True)
+    cpu = FluxPolicy.from_pretrained(tmp_path / "flux", dtype=torch.float32, height=16, width=16)
+    cpu.encode_prompts(["a red circle on the left"])  # the in-memory prompt cache, copied to the fake policy
+    a = replace(train.parse_args(["--model", str(tmp_path / "flux"), "--prompts", "x", "--G", "2", "--T", "2",
+                                  "--Lambda", "1", "--sde-steps", "0", "--num-samples", "1"]), mixed_precision="fp32")
+    rewards = load_rewards("toy-adherence", device="cpu")
+    check = BackendDevices()
+    with FakeTensorMode(allow_non_fake_inputs=True), check:
+        with torch.device("cuda"):
+            net = tiny_transformer(in_channels=12)
+        policy = FluxPolicy(cpu.root, net, None, 16, 16, cpu.max_sequence_length, cpu.guidance, device="cuda",
+                            dtype=torch.float32)
+        policy._memory = cpu._memory
+        plan = train.G2RPO(a, sigma_grid(a.T, a.shift).to("cuda"))
+        gen = torch.Generator().manual_seed(0)
+        s = train.sample_prompt(plan, policy, net, rewards, "a red circle on the left", policy.noise(1, gen), 0, gen)
+        As = [mixed_advantage(s.R, adv_clip=a.adv_clip)]
+        optim = torch.optim.AdamW(net.parameters(), lr=a.lr)
+        for p in net.parameters():  # the update's gradients (the autograd engine needs a real GPU for backward)
+            p.grad = torch.ones_like(p)
+        norm, _ = train.clip_and_step(net, optim, a, torch.device("cuda"))
+        stats = {"loss": 0.0, "grad_norm": norm, "optimizer_steps": 1}
+        costs = dict(gathered_rollout=0, gathered_train=0, sec_rollout=0.0, sec_train=0.0, peak_mem_gb=0.0)
+        rec = train.log_record(0, [s], As, stats, plan, rewards, True, costs)
+        train.write_samples(policy, ["a red circle on the left"], (), a, tmp_path / "grid.png", False)
+    assert "toy-adherence@1" in rec["reward_per_lambda"] and "grad_norm" in stats  # (fake values: no numbers)
+    assert len(check.seen) >= 3 and {d for _, d in check.seen} == {"cuda"}
