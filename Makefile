@@ -86,3 +86,44 @@ gpu-check: venv
 # 8 and 16, and one GPU with LoRA; ~3.5 min of CPU per world size. Results: runs/bench-scale/results.md
 bench-scale: venv
 	$(PY) bench/scale.py
+
+# The whole GPU path in a GPU's first ten minutes (bench/gpu_smoke.py): train.py at world sizes 1 and 2 (bf16, probes,
+# checkpoints, --resume, best/, final/), LoRA, HSDP, evaluate.py at world sizes 1 and 2 with every reward model, then
+# gpu-check; on a tiny FLUX built from configs. One PASS/FAIL line per step; $(SMOKE_OUT)/results.md; exit 1 if any
+# failed. SMOKE_DEVICE=cpu runs the same on gloo (~6 min on 2 cores). On a GPU node without internet, whose Python has
+# its own torch: make gpu-smoke SMOKE_PY=python3 (no virtualenv is built; README: "A GPU node: its own torch").
+SMOKE_DEVICE ?= cuda
+SMOKE_OUT ?= runs/gpu-smoke
+SMOKE_ARGS ?=
+SMOKE_PY ?=
+.PHONY: gpu-smoke
+gpu-smoke: $(if $(SMOKE_PY),,venv)
+	$(or $(SMOKE_PY),$(PY)) bench/gpu_smoke.py --device $(SMOKE_DEVICE) --out $(SMOKE_OUT) $(SMOKE_ARGS)
+
+# On a machine WITH internet: every package of the virtualenv except torch, torchvision and their CUDA wheels (triton,
+# nvidia-*, cuda-*) as wheels for the GPU node's Python and platform (compiled ones too: numpy, scipy, tokenizers, ...),
+# at the versions `make venv` resolved, into $(WHEELHOUSE); carry that folder to the node and run `make node-install`
+# there. WHEEL_PY: the node's `python3 -c 'import sys; print(sys.version[:4])'`; WHEEL_PLATFORMS: glibc 2.28 or newer.
+WHEELHOUSE ?= runs/wheelhouse
+WHEEL_PY ?= 3.12
+WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
+NOT_IN_WHEELHOUSE := ^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
+.PHONY: wheelhouse node-install
+wheelhouse: venv
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip freeze --all --exclude-editable | grep -viE '$(NOT_IN_WHEELHOUSE)' > $(WHEELHOUSE)/lock.txt
+	grep -viE '$(NOT_IN_WHEELHOUSE)' requirements.txt > $(WHEELHOUSE)/requirements-node.txt
+	cp requirements-nodeps.txt $(WHEELHOUSE)/requirements-nodeps.txt
+	$(PY) -m pip download --no-deps --only-binary=:all: --implementation cp --python-version $(WHEEL_PY) \
+		$(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) -d $(WHEELHOUSE) -r $(WHEELHOUSE)/lock.txt
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1); on the node: make node-install WHEELHOUSE=..."
+
+# On the GPU node (no internet): the project's packages from the wheelhouse into NODE_PY's environment; the node's
+# torch (and its torchvision) stay as they are: pip takes every requirement that is already met from what is installed.
+NODE_PY ?= python3
+node-install:
+	$(NODE_PY) -c 'import torch, torchvision; print("node torch", torch.__version__, "CUDA", torch.version.cuda, "torchvision", torchvision.__version__)'
+	$(NODE_PY) -m pip install --isolated --no-index --find-links $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements-node.txt
+	$(NODE_PY) -m pip install --isolated --no-index --find-links $(WHEELHOUSE) --no-deps -r $(WHEELHOUSE)/requirements-nodeps.txt
+	$(NODE_PY) -c 'import torch; print("torch still", torch.__version__)'

@@ -93,11 +93,10 @@ class _Reward:
         return prompts
 
     def text_features(self, prompts: list) -> torch.Tensor:
-        """(N, D) fp32 normalised text features; each new prompt is encoded once (one batched call)."""
-        new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if new:
-            for p, f in zip(new, F.normalize(self._encode_text(new).float(), dim=-1)):
-                self._cache[p] = f
+        """(N, D) fp32 normalised text features; each new prompt is encoded once, alone: in a batch its numbers
+        would depend on its neighbours (padding, kernel choice), so a score would change with the world size."""
+        for p in dict.fromkeys(p for p in prompts if p not in self._cache):
+            self._cache[p] = F.normalize(self._encode_text([p]).float(), dim=-1)[0]
         return torch.stack([self._cache[p] for p in prompts])
 
     @torch.no_grad()

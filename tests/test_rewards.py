@@ -168,9 +168,19 @@ def test_text_features_are_cached(hps_ckpt):
     calls = []
     encode = hps.model.encode_text
     hps.model.encode_text = lambda t, **kw: calls.append(len(t)) or encode(t, **kw)
-    hps.score(images(3, 32, 32), PROMPTS)  # two distinct prompts, one call
+    hps.score(images(3, 32, 32), PROMPTS)  # two distinct prompts: each encoded once, alone
     hps.score(images(2, 32, 32), "a watercolor fox")
-    assert calls == [2]
+    assert calls == [1, 1]
+
+
+def test_a_prompts_features_do_not_depend_on_its_neighbours(hps_ckpt, pickscore_dirs):
+    """evaluate.py's scores are the same on any world size only if a prompt's text features are: its batch
+    neighbours (which prompts one rank meets first) must not change them (bitwise)."""
+    for make in (lambda: rewards.load_hps(hps_ckpt, arch=TINY),
+                 lambda: rewards.load_pickscore(*pickscore_dirs)):
+        together, alone = make(), make()
+        together.text_features(["a cat", "a much longer prompt about a red house on a hill"])
+        assert torch.equal(together.text_features(["a cat"]), alone.text_features(["a cat"]))
 
 
 # ---- PickScore on a tiny transformers CLIPModel ----------------------------------------------------
