@@ -87,7 +87,9 @@ def test_full_model_extrapolation_is_affine_in_blocks():
 
 
 def test_rescore_batched_equals_rescore_per_k():
-    # the one-pass training forward scores the same log-probs as rollout.rescore, one k at a time (fp64)
+    # the one-pass training forward scores the same log-probs as rollout.rescore, one k at a time (fp64 velocity;
+    # sde.log_prob averages in fp32 by design, so a batched mean may round differently from a per-k one: one
+    # float32 step, seen on a 2-core x86 CPU)
     from rollout import rescore
     from sde import sde_step, sigma_grid
     torch.manual_seed(0)
@@ -102,8 +104,8 @@ def test_rescore_batched_equals_rescore_per_k():
         groups.append(gpu_check.Group(k=k, x_k=x_k, x_next=x_next, log_prob=logp, images={}))
     one_pass = gpu_check.rescore_batched(v, groups, sigmas)
     per_k = torch.stack([rescore(v, g, sigmas, gpu_check.ETA) for g in groups])
-    torch.testing.assert_close(one_pass, per_k, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(per_k, torch.stack([g.log_prob for g in groups]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one_pass, per_k, rtol=2e-7, atol=2e-7)
+    torch.testing.assert_close(per_k, torch.stack([g.log_prob for g in groups]), rtol=2e-7, atol=2e-7)
 
 
 def test_bad_input_is_one_line(capsys):
