@@ -28,9 +28,12 @@ from tqdm import tqdm
 
 from advantage import mixed_advantage
 from baselines.grpo import ALGOS as BASELINES, PRESETS as BASELINE_PRESETS, TrajectoryGRPO
-from data.prompts import PromptSampler, future_prompts, prompt_file_errors, read_prompts
+from data.prompts import PromptSampler, encoding_share, future_prompts, prompt_file_errors, read_prompts
 from loss import g2rpo_loss
 from guard.probes import Guard, probe_items, share
+from launch import collectives, peak_memory
+from launch.collectives import all_gather_objects, all_true, barrier, mean_over_ranks
+from launch.shared_folder import check_shared
 from policy.lora import TARGETS as LORA_TARGETS, add_lora, trainable
 from report import trainrun
 from rewards import RewardOptions, load_rewards, reward_spec_errors, spec_names
@@ -94,6 +97,7 @@ class Args:
     probe_rewards: str = ""  # '+'-separated rewards NOT trained on, probed beside the trained one, e.g. clip+pickscore
     probe_prompts: str = ""  # held-out prompt file for the probes (the small world: its held-out prompts)
     probe_seeds: int = 2  # ODE images per probe prompt (seeds 0, 1, ...)
+    probe_max_prompts: int = 64  # probe with the first N prompts of --probe-prompts (0: all; 400 x 2 seeds cost ~7 iterations on FLUX)
     probe_tolerance: float = 0.05  # a reward not trained on has fallen when it is below its reference - this
     probe_against: Literal["peak", "start"] = "peak"  # the reference: its best probe so far, or its first probe
     probe_patience: int = 0  # stop after this many probes in a row without a new best (0: never)
@@ -102,6 +106,7 @@ class Args:
     export: bool = True  # export the transformer in diffusers format at the end
     num_samples: int = 8  # images in the fixed-prompt sample grid
     device: str = ""  # cuda or cpu (empty: cuda if available)
+    collective_timeout: float = collectives.DEFAULT_TIMEOUT_MIN  # minutes a rank waits in a collective (NCCL watchdog) while rank 0 alone exports or writes
 
 
 PRESETS = {"paper": {},  # Table 4 = the dataclass defaults
@@ -197,9 +202,12 @@ def check_args(a: Args):
                            ("max-skipped", a.max_skipped, 1), ("num-samples", a.num_samples, 0),
                            ("height", a.height, 0), ("width", a.width, 0), ("lora-rank", a.lora_rank, 0),
                            ("probe-every", a.probe_every, 0), ("probe-seeds", a.probe_seeds, 1),
+                           ("probe-max-prompts", a.probe_max_prompts, 0),
                            ("probe-patience", a.probe_patience, 0)):
         need(val >= low, f"--{flag} {val}: must be >= {low}")
     errors += plan_errors(a)
+    need(math.isfinite(a.collective_timeout) and a.collective_timeout >= 1, f"--collective-timeout "
+         f"{a.collective_timeout}: minutes, >= 1 (it must outlast rank 0's longest lone step: the export)")
     need(a.rescore_batch >= 0, f"--rescore-batch {a.rescore_batch}: must be >= 0 (0: all trained steps in one pass)")
     need(not a.step_per_k or a.rescore_batch == 1, "--step-per-k steps the optimizer after every k: it needs "
          "--rescore-batch 1")
@@ -218,36 +226,27 @@ def check_args(a: Args):
 # Distributed plumbing: process group, FSDP2 sharding, gathering for the rollout, collectives,
 # checkpoints and export. Everything rank-aware lives in this block.
 # ------------------------------------------------------------------------------------------------
-def setup_distributed(device_pref: str):
-    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as a world of one. Under torchrun a
-    rank stops (SIGTERM) when its launcher dies, instead of training on as an orphan."""
-    if "RANK" in os.environ and sys.platform == "linux":
-        import ctypes
-        import signal
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: signal us when the parent exits
-        if os.getppid() == 1:  # the launcher died before we asked
-            raise SystemExit("train.py: the launcher (torchrun) is gone")
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(29500 + os.getpid() % 1000))
-    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    use_cuda = (device_pref or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(local)
-    else:  # small CPU matmuls: one thread per process beats oversubscribed spinning
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, torch.device("cuda", local) if use_cuda else torch.device("cpu")
-
-
-def shard_model(transformer, device, mixed_precision: str, activation_checkpointing: bool, replicas: int = 1):
+def shard_model(transformer, device, mixed_precision: str, activation_checkpointing: bool, replicas: int = 1,
+                plain_alone: bool = True):
     """FSDP2: one unit per transformer block plus the root; fp32 master weights, bf16 compute. replicas > 1:
     HSDP on a 2-D mesh (replicas, world / replicas): parameters are sharded, all-gathered and gradients
     reduce-scattered within a group of consecutive ranks (one node: NVLink), and only the gradient shards
-    are all-reduced across the groups (the network)."""
+    are all-reduced across the groups (the network).
+    World size 1 has nothing to shard, and FSDP2 would still keep an unsharded copy of the parameters beside them
+    (22.3 GiB for FLUX.1-dev in bf16): the plain module is returned where no copy is needed, in fp32 and with a
+    frozen base (LoRA: the base is held in the compute dtype; the fp32 adapters compute in fp32, peft casts their
+    input, where FSDP2 would run them in bf16: the same within bf16 rounding, tests/test_one_process.py). Full
+    fine-tuning under bf16 keeps FSDP2 at world size 1: its unsharded bf16 parameters are the compute copy of the
+    fp32 master weights that bf16 compute needs anyway. plain_alone=False: FSDP2 at world size 1 all the same
+    (the tests compare the two)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     world = dist.get_world_size()
+    if activation_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    frozen_base = any(not p.requires_grad for p in transformer.parameters())  # LoRA
+    if plain_alone and world == 1 and (mixed_precision == "fp32" or frozen_base):
+        return transformer
     mesh = init_device_mesh(device.type, (world,)) if replicas == 1 else \
         init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
     # bf16: the root casts the model's inputs (as FluxPipeline passes them in the model dtype; the transformer
@@ -258,16 +257,29 @@ def shard_model(transformer, device, mixed_precision: str, activation_checkpoint
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
     block_mp = replace(mp, cast_forward_inputs=False)
-    if activation_checkpointing:
-        transformer.enable_gradient_checkpointing()
     for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
         fully_shard(block, mesh=mesh, mp_policy=block_mp)
     return fully_shard(transformer, mesh=mesh, mp_policy=mp)
 
 
+def load_model(a: Args, weights, device, dtype):
+    """The transformer as this rank trains it, never whole in its memory: built on the meta device, the LoRA
+    adapters added (seeded), sharded (shard_model), and only then this rank's shard read from `weights` (the model
+    folder's files, policy.flux.WeightFiles) by policy.flux.load_transformer. Peak: the shard plus one block's
+    part, not the whole fp32 model."""
+    from policy.flux import load_transformer
+
+    def prepare(transformer):  # on the meta device, before any weight is read
+        if a.lora_rank:  # adapters in fp32, the base frozen (policy/lora.py)
+            add_lora(transformer, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
+        return shard_model(transformer, device, a.mixed_precision, a.activation_checkpointing, a.replicas)
+    return load_transformer(weights, device, dtype, prepare)
+
+
 class Gathered:
     """Keep the sharded parameters gathered for a whole rollout: ONE all-gather per iteration,
-    not one per forward (reshard_after_forward is switched off inside, then everything reshards)."""
+    not one per forward (reshard_after_forward is switched off inside, then everything reshards). A plain
+    module (world size 1, shard_model) has nothing to gather."""
 
     def __init__(self, model):
         self.units = [m for m in model.modules() if hasattr(m, "reshard")]
@@ -302,25 +314,11 @@ class GatherMeter:
         return b
 
 
-def all_true(flag: bool, device) -> bool:
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    dist.all_reduce(t)
-    return t.item() == 0
-
-
-def mean_over_ranks(parts: dict) -> dict:
-    """{name: tensor} -> {name: the same-shaped mean over ranks}, in ONE all_reduce."""
-    flat = torch.cat([t.flatten().float() for t in parts.values()])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    return dict(zip(parts, flat.split([t.numel() for t in parts.values()])))
-
-
 def clip_and_step(model, optim, a, device):
     """Clip, check the gradient is finite on every rank, step; a non-finite one never lands."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    ok = all_true(bool(torch.isfinite(norm)), device)
+    ok = all_true(bool(torch.isfinite(norm)))
     if ok:
         optim.step()
     else:
@@ -347,12 +345,12 @@ def save_checkpoint(out: Path, it: int, model, optim, sampler_state, rank: int):
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / f"rng_{rank}.pt")
-    dist.barrier()
+    barrier()
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({"iteration": it, "sampler": sampler_state,
                                                     "world_size": dist.get_world_size()}))
         os.replace(tmp, final)  # atomic: a folder named ckpt_* is always complete
-    dist.barrier()
+    barrier()
 
 
 def load_checkpoint(out: Path, model, optim, rank: int):
@@ -392,7 +390,7 @@ def export_model(path: Path, model, model_dir: Path, rank: int, lora: bool):
                                                               ignore_frozen_params=lora))
     if rank == 0:
         save_lora(path, sd, model, model_dir) if lora else save_model_folder(path, sd, model.config, model_dir)
-    dist.barrier()
+    barrier()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,7 +405,7 @@ def load_world(a: Args, rank: int):
     import toy
     if rank == 0:
         toy.base_model()  # pretrains on first use (minutes), then cached
-    dist.barrier()
+    barrier()
     return Path(toy.base_model()), prompts or list(toy.TRAIN_PROMPTS), list(toy.GRID_PROMPTS), toy.HELDOUT_PROMPTS
 
 
@@ -421,7 +419,7 @@ def write_samples(policy, prompts, marked, a, path, is_main) -> bool:
     if is_main:
         save_grid(imgs, prompts, 2, path, max(1, 96 // policy.height), marked)
     policy.transformer.train()
-    return all_true(bool(torch.isfinite(imgs).all()), imgs.device)
+    return all_true(bool(torch.isfinite(imgs).all()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,7 +526,7 @@ def log_record(it, results, As, stats, plan, rewards, finite, costs) -> dict:
     sec_reward = sum(s.sec_reward for s in results)
     return {"iteration": it + 1,
             "anchor_reward": {n: v.item() for n, v in zip(names, mean["anchor"])},
-            "reward_per_lambda": {f"{n}@{lam}": mean["R"][i * len(plan.Lambda) + j].item()
+            "reward_per_lambda": {f"{n}@{lam}": mean["R"][i, j].item()
                                   for i, n in enumerate(names) for j, lam in enumerate(plan.Lambda)},
             "loss": mean["loss"].item(), "grad_norm": stats.get("grad_norm", float("nan")),
             "optimizer_steps": stats.get("optimizer_steps", 0), "skipped": not finite,
@@ -542,20 +540,14 @@ def log_record(it, results, As, stats, plan, rewards, finite, costs) -> dict:
             "peak_mem_gb": costs["peak_mem_gb"]}
 
 
-def peak_memory_gb(device) -> float:
-    """Peak memory of this process: the CUDA allocator's on a GPU, the resident set on the CPU."""
-    import resource
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak / 2**30
-
-
 def start_log(a, plan, model, world, device, out, start):
-    """Rank 0: the derived numbers of this run (the mesh as FSDP2 built it); args.json (or resumes.jsonl) and
-    metrics.jsonl (trainrun)."""
+    """Rank 0: the derived numbers of this run (the mesh as FSDP2 built it, or none: shard_model); args.json (or
+    resumes.jsonl) and metrics.jsonl (trainrun)."""
     P, n_trained = world * a.prompts_per_rank, sum(p.numel() for p in trainable(model))
-    shape = tuple(next(model.parameters()).device_mesh.shape)
-    mesh = f"HSDP {shape[0]} x {shape[1]} (replicas x shards)" if len(shape) == 2 else f"FSDP over {shape[0]}"
+    param = next(model.parameters())
+    shape = tuple(param.device_mesh.shape) if hasattr(param, "device_mesh") else ()
+    mesh = "one process, no FSDP" if not shape else f"FSDP over {shape[0]}" if len(shape) == 1 else \
+        f"HSDP {shape[0]} x {shape[1]} (replicas x shards)"
     print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
           f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals:g} in {plan.calls:g} batched "
           f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | trained parameters {n_trained:,}"
@@ -585,7 +577,9 @@ class Probes:
 
 
 def set_up_probes(a: Args, prompts: list, rewards: list, rank: int, world: int, out: Path, start: int, device):
-    """The guard's probe set and rewards; after a --resume, the guard replays the probes up to `start`."""
+    """The guard's probe set (the first --probe-max-prompts) and rewards; after a --resume, the guard replays the
+    probes up to `start`."""
+    prompts = prompts[:a.probe_max_prompts or None]
     items = probe_items(prompts, a.probe_seeds)
     others = load_rewards(a.probe_rewards, device=device, **asdict(a.rewards)) if a.probe_rewards else []
     guard = Guard([r.name for r in rewards], [r.name for r in others], a.probe_tolerance, a.probe_patience,
@@ -593,6 +587,16 @@ def set_up_probes(a: Args, prompts: list, rewards: list, rank: int, world: int, 
     for rec in trainrun.probes(out, upto=start):
         guard.update(rec["iteration"], rec["rewards"])
     return Probes(prompts, share(items, rank, world), rewards + others, guard)
+
+
+def probe_cost(a: Args, plan, n_prompts: int, world: int) -> str:
+    """The start-up line of the guard: what one probe costs, against the iterations between probes."""
+    images = n_prompts * a.probe_seeds
+    evals = math.ceil(images / world) * a.T  # per rank: its share of the ODE samples, T steps each
+    between = a.probe_every * a.prompts_per_rank * plan.evals  # per rank: the rollouts between two probes
+    return (f"guard: a probe every {a.probe_every} iterations = {n_prompts} prompts x {a.probe_seeds} seeds = {images} "
+            f"ODE samples of {a.T} steps, {evals:,} model evaluations per rank, {100 * evals / between:.1f} % of the "
+            f"{between:,.0f} of the rollouts between two probes (--probe-max-prompts, --probe-seeds, --probe-every)")
 
 
 def probe(r, a: Args, done: int, world: int, out: Path, is_main: bool):
@@ -609,9 +613,8 @@ def probe(r, a: Args, done: int, world: int, out: Path, is_main: bool):
     with torch.no_grad():
         scores = torch.stack([rw.score(imgs, prompts) for rw in p.rewards]).float().cpu()  # (n_rewards, n)
     keep = [j for j, (i, _) in enumerate(p.items) if i is not None]
-    parts = [None] * world
-    pixels = (imgs[keep].nan_to_num(0).clamp(0, 1) * 255).round().byte().cpu()
-    dist.all_gather_object(parts, ([p.items[j][0] for j in keep], scores[:, keep], pixels))
+    pixels = (imgs[keep].nan_to_num(0).clamp(0, 1) * 255).round().byte()
+    parts = all_gather_objects(([p.items[j][0] for j in keep], scores[:, keep], pixels))
     index = torch.tensor([i for part in parts for i in part[0]]).argsort()
     scores, imgs = torch.cat([part[1] for part in parts], 1)[:, index], torch.cat([part[2] for part in parts])[index]
     means = {rw.name: scores[i].mean().item() for i, rw in enumerate(p.rewards)}
@@ -637,7 +640,7 @@ def probe(r, a: Args, done: int, world: int, out: Path, is_main: bool):
 class Run:
     """What the set-up hands the loop."""
     policy: object  # policy.flux.FluxPolicy
-    model: torch.nn.Module  # the FSDP2-sharded transformer
+    model: torch.nn.Module  # the FSDP2-sharded transformer (plain at world size 1 where it can be: shard_model)
     optim: torch.optim.Optimizer
     rewards: list
     sampler: PromptSampler
@@ -651,29 +654,27 @@ class Run:
 def set_up(a: Args, rank: int, world: int, device) -> Run:
     """Lines 1-2 of Algorithm 1: the policy, the reward models, the optimizer; a resumed state; the
     prompts this rank will use, encoded once into the disk cache (the text encoders are then freed)."""
-    from policy.flux import FluxPolicy
+    from policy.flux import FluxPolicy, WeightFiles
     out = Path(a.out)
     torch.manual_seed(a.seed + rank), random.seed(a.seed + rank), np.random.seed(a.seed + rank)
     model_dir, prompts, grid_prompts, marked = load_world(a, rank)
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
     bf16 = a.mixed_precision == "bf16"
     base_dtype = torch.bfloat16 if a.lora_rank and bf16 else torch.float32  # a frozen base needs no fp32 master
+    model = load_model(a, WeightFiles(model_dir / "transformer"), device, base_dtype).train()
     policy = FluxPolicy.from_pretrained(model_dir, device=device, dtype=base_dtype, cache_dir=out / "prompt_cache",
-                                        embed_dtype=torch.bfloat16 if bf16 else None, **dims)
-    if a.lora_rank:  # adapters in fp32, the base frozen (policy/lora.py)
-        add_lora(policy.transformer, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
+                                        embed_dtype=torch.bfloat16 if bf16 else None, transformer=model, **dims)
     rewards = load_rewards(a.reward, device=device, **asdict(a.rewards))
-    model = shard_model(policy.transformer, device, a.mixed_precision, a.activation_checkpointing, a.replicas)
-    model.train()
     optim = torch.optim.AdamW(trainable(model), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     sampler = PromptSampler(prompts, a.sampler_seed, rank, world, a.prompts_per_rank)
     start, position = load_checkpoint(out, model, optim, rank) if a.resume else (0, 0)
     sampler.position = position or 0
     probes = set_up_probes(a, read_prompts(a.probe_prompts) if a.probe_prompts else list(marked), rewards, rank, world,
                            out, start, device) if a.probe_every else None
-    policy.encode_prompts(future_prompts(sampler, a.iterations - start) + (grid_prompts if rank == 0 else [])
-                          + ([item[0] for _, item in probes.items] if probes else []))
-    dist.barrier()
+    needs = future_prompts(sampler, a.iterations - start) + (grid_prompts if rank == 0 else []) \
+        + ([item[0] for _, item in probes.items] if probes else [])
+    policy.encode_prompts(encoding_share(all_gather_objects(needs), rank))  # one writer per prompt-cache file
+    barrier()
     sigmas = sigma_grid(a.T, a.shift).to(device)
     plan = G2RPO(a, sigmas) if a.algo.startswith("g2rpo") else TrajectoryGRPO(a, sigmas)  # chosen once
     return Run(policy, model, optim, rewards, sampler, plan, start, model_dir, (grid_prompts, marked), probes)
@@ -729,13 +730,15 @@ def main(argv=None):
     is_main, out = os.environ.get("RANK", "0") == "0", Path(a.out)
     check_all(a, is_main)
     quiet()
-    rank, world, device = setup_distributed(a.device)
+    rank, world, device = collectives.init(a.device, a.collective_timeout)
+    check_shared(out, rank)  # every rank writes into --out: one folder for all of them (two nodes: a shared one)
     lock = trainrun.take_lock(out, overwrite=a.overwrite) if is_main else None  # noqa: F841 - held until exit
-    dist.barrier()
+    barrier()
     r = set_up(a, rank, world, device)
     model, optim, plan, meter = r.model, r.optim, r.plan, GatherMeter()
     if is_main:
         start_log(a, plan, model, world, device, out, r.start)
+        print(probe_cost(a, plan, len(r.probe.prompts), world)) if r.probe else None
     if r.start == 0:
         write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main)
         probe(r, a, 0, world, out, is_main) if r.probe else None  # the guard's start: the base model
@@ -745,6 +748,7 @@ def main(argv=None):
 
     for it in bar:  # line 3: for each training iteration
         t0 = time.time()
+        peak_memory.reset(device)  # peak_mem_gb: this iteration's
         batch = r.sampler.next()  # line 5: this rank's prompts
         # line 4 (pi_old <- pi_theta): the rollout runs the current weights, its log-probs are the "old" ones
         model.eval(), meter.take()
@@ -760,9 +764,9 @@ def main(argv=None):
         finite = all(torch.isfinite(s.R).all() and torch.isfinite(A).all() for s, A in zip(results, As))
         t1 = time.time()  # lines 24-26: Eq. 12 and the update, skipped on every rank if any rank is non-finite
         model.train(), optim.zero_grad(set_to_none=True)
-        stats = update(r.policy, model, optim, results, As, a, device) if all_true(finite, device) else {}
+        stats = update(r.policy, model, optim, results, As, a, device) if all_true(finite) else {}
         costs = dict(gathered_rollout=gathered_rollout, gathered_train=meter.take(), sec_rollout=t_roll,
-                     sec_train=time.time() - t1, peak_mem_gb=peak_memory_gb(device))
+                     sec_train=time.time() - t1, peak_mem_gb=peak_memory.gib(device))
         rec = log_record(it, results, As, stats, plan, r.rewards, finite, costs)
         if r.probe and ((it + 1) % a.probe_every == 0 or it + 1 == a.iterations):  # the reward-hacking guard
             rec["probe"], verdict = probe(r, a, it + 1, world, out, is_main)
@@ -782,7 +786,7 @@ def main(argv=None):
         stop("the trained model samples non-finite images: the run has diverged and is not exported", is_main)
     if a.export:
         export_model(out / "final", model, r.model_dir, rank, bool(a.lora_rank))
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 

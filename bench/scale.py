@@ -8,10 +8,12 @@ G = 12, M = the first 8 steps, Lambda = {1, 2, 3}, 720x720, one prompt per GPU),
 project's own code on FAKE tensors (torch FakeTensorMode: shapes, dtypes and devices, no data, no compute)
 with a fake process group of W ranks (collectives return at once). Random init from the real configs:
 FLUX.1-dev's transformer (19 + 38 blocks, 24 heads x 128, 11.9 B parameters), its VAE, T5-XXL and CLIP-L
-for the encoding, open_clip ViT-H-14 for HPS. The code path: `train.shard_model` (FSDP2 per block + root,
-bf16 MixedPrecisionPolicy), `train.Gathered` + `train.sample_prompt` (rollout.singular_rollout, decode,
-reward), `train.update` (rollout.rescore + loss.g2rpo_loss + backward per k), `train.clip_and_step`
-(AdamW), and the checkpoint's state dict (`get_state_dict`, as train.save_checkpoint).
+for the encoding, open_clip ViT-H-14 for HPS. The code path: `train.load_model` (built on the meta device, each
+rank filling its own shard; the weights it reads are fake bf16 tensors, FakeWeights), `train.shard_model` (FSDP2
+per block + root, bf16 MixedPrecisionPolicy; at world size 1 under LoRA the plain model), `train.Gathered` +
+`train.sample_prompt` (rollout.singular_rollout, decode, reward), `train.update` (rollout.rescore +
+loss.g2rpo_loss + backward per k), `train.clip_and_step` (AdamW), and the checkpoint's state dict
+(`get_state_dict`, as train.save_checkpoint).
 
 Measured per phase on rank 0 (all ranks are alike):
   memory  torch.distributed._tools.FSDPMemTracker: peak bytes by kind (sharded parameters, gathered
@@ -165,6 +167,11 @@ class Meter(TorchDispatchMode):
         return out
 
 
+def _peak_total(tracker) -> int:
+    """A MemTracker's peak bytes on the device (the meta device's, where models are built, aside)."""
+    return max([s["Total"] for d, s in tracker.get_tracker_snapshot("peak").items() if d.type != "meta"] or [0])
+
+
 def _proc_status(key: str) -> int:
     """Bytes of a /proc/self/status entry (VmRSS, VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -177,6 +184,45 @@ def _reset_peak_rss() -> int:
     """Restart the kernel's peak-RSS counter (VmHWM, Linux >= 4.0); returns the resident set now."""
     Path("/proc/self/clear_refs").write_text("5")
     return _proc_status("VmRSS")
+
+
+class _NoHook:
+    def remove(self):
+        pass
+
+
+def plain_tracker(model):
+    """MemTracker for a model that FSDP does not wrap (world size 1 under LoRA, train.shard_model), counting what
+    FSDPMemTracker counts for one it wraps: the model's parameters (kind "Parameter"), gradients and optimizer state,
+    and every activation, but not the weights of other modules (the VAE, the reward: FSDPMemTracker leaves them out
+    too). Two more changes: a frozen parameter gets no gradient hook (MemTracker would register one and fail), and a
+    module called again at the top level is a repeat within the iteration, not the next iteration (which MemTracker
+    refuses): its statistics start over. Only the peaks by kind are kept up to date (the per-module ones, unused
+    here, cost a pass over every module at every op: 20x the time on FLUX.1-dev)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    mine = set(model.modules())
+
+    class PlainTracker(MemTracker):
+        def _pre_fw_hook(self, module, inputs):
+            name = self._mod_tracker.get_known_fqn(module)
+            if module in self.memory_tracking and not self._mod_tracker.is_bw and \
+                    set(self._mod_tracker.parents) - {name} == {"Global"}:
+                del self.memory_tracking[module]
+            super()._pre_fw_hook(module, inputs)
+
+        def _update_peak_stats(self, peak_state):
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], dict(snap)
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            if module not in mine:
+                return 0, 0
+            for p in module.parameters():
+                if not p.requires_grad:
+                    self._param_to_grad_hook_handles.setdefault(p, (_NoHook(), _NoHook()))
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+    return PlainTracker()
 
 
 @dataclass
@@ -294,7 +340,7 @@ def checks_pass():
     import torchvision.transforms.functional as TF
     import train
     orig_all_true, orig_normalize = train.all_true, TF.normalize
-    train.all_true = lambda flag, device: orig_all_true(flag, device) or True
+    train.all_true = lambda flag: orig_all_true(flag) or True
     TF.normalize = lambda x, mean, std: (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
     try:
         yield
@@ -333,42 +379,63 @@ def build_reward(s: Setting, device):
     return hps
 
 
+class FakeWeights:
+    """FLUX.1-dev's weight files as policy.flux.load_transformer reads them (WeightFiles' .config and .read): each
+    part this rank reads is a new bf16 tensor (the released files are bf16) of its shape, random (N(0, 0.02)) so
+    that real tensors (tests/test_scale.py) compute finite numbers."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def read(self, items):
+        for key, index, shape in items:
+            yield key, torch.empty([i.stop - i.start for i in index], dtype=torch.bfloat16).normal_(0, 0.02)
+
+
 def build_policy(s: Setting, device):
-    """The policy as train.set_up builds it (fp32 master weights; under LoRA a bf16 base with fp32 adapters,
-    policy.lora.add_lora), its transformer sharded by train.shard_model."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    """The policy as train.set_up builds it: train.load_model (the transformer on the meta device, under LoRA its
+    fp32 adapters (policy.lora.add_lora) on a bf16 base, sharded by train.shard_model (not at world size 1 under
+    LoRA), then this rank's part read from FakeWeights and cast to its dtype), and the VAE."""
+    from diffusers import AutoencoderKL
     import train
     from policy.flux import FluxPolicy
-    from policy.lora import add_lora
     dtype = torch.bfloat16 if s.lora_rank else torch.float32
+    a = replace(train.Args(), lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, mixed_precision="bf16")
+    to = torch.nn.Module.to  # peft casts each new adapter to the base's dtype with .to(), which cannot swap tracked
+    torch.nn.Module.to = lambda self, *a, **k: self  # fake parameters: they stay fp32, as add_lora leaves them
+    try:
+        transformer = train.load_model(a, FakeWeights(s.transformer), torch.device(device), dtype).eval()
+    finally:
+        torch.nn.Module.to = to
     with torch.device(device):
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # built in its dtype (.to() cannot swap tracked fake parameters)
         try:
-            transformer = FluxTransformer2DModel(**s.transformer).eval()
             vae = AutoencoderKL(**s.vae).eval()
-            if s.lora_rank:  # adapters made on the device in the base's dtype, then fp32 (add_lora). peft
-                to = torch.nn.Module.to  # moves each new module to the base's device and dtype with .to(),
-                torch.nn.Module.to = lambda self, *a, **k: self  # which cannot swap fake parameters (and is
-                try:  # a no-op here: same device, same dtype)
-                    add_lora(transformer, s.lora_rank, 2 * s.lora_rank)
-                finally:
-                    torch.nn.Module.to = to
         finally:
             torch.set_default_dtype(default)
         policy = FluxPolicy(Path(tempfile.gettempdir()) / "scale-sim", transformer, vae, s.height, s.width,
                             s.seq_len, 3.5, device=device, dtype=dtype, embed_dtype=torch.bfloat16)
-    return policy, train.shard_model(transformer, torch.device(device), "bf16", False)
+    return policy, transformer
 
 
-def encode(s: Setting, device):
-    """The prompt encoding as policy.flux.FluxPolicy.encode_prompts runs it (T5-XXL and CLIP-L, batch 1, then
-    freed) -> the stored Cond in bf16."""
+def encode(s: Setting, device, dtype=torch.float32):
+    """The prompt encoding as policy.flux.FluxPolicy.encode_prompts runs it (T5-XXL and CLIP-L in the policy's
+    dtype, batch 1, then freed) -> the stored Cond in bf16. In bf16 T5's `wo` layers stay fp32, as from_pretrained
+    keeps them."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     from policy.flux import Cond
-    with torch.device(device):  # built on the device (.to() cannot swap tracked fake parameters)
-        t5 = T5EncoderModel(T5Config(**s.t5)).eval()
-        clip_text = CLIPTextModel(CLIPTextConfig(**s.clip_text)).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built on the device in its dtype (.to() cannot swap tracked fake parameters)
+    try:
+        with torch.device(device):
+            t5 = T5EncoderModel(T5Config(**s.t5)).eval()
+            clip_text = CLIPTextModel(CLIPTextConfig(**s.clip_text)).eval()
+            for name, m in t5.named_modules():
+                if dtype != torch.float32 and name.rsplit(".", 1)[-1] in T5EncoderModel._keep_in_fp32_modules:
+                    m.weight = torch.nn.Parameter(m.weight.float(), requires_grad=m.weight.requires_grad)
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         seq = t5(torch.zeros(1, s.seq_len, dtype=torch.long, device=device))[0]  # (1, S, D)
         pooled = clip_text(torch.zeros(1, 77, dtype=torch.long, device=device)).pooler_output  # (1, P)
@@ -382,6 +449,7 @@ def train_phases(rec, tracker, policy, caller, optim, sampled, A, a, device, ful
     checkpointing. Returns the per-k update's statistics."""
     import train
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+    from torch.distributed._tools.mem_tracker import _MemRefType
     model = caller.model
     model.train()
     n = len(sampled.rollout.groups)
@@ -393,8 +461,10 @@ def train_phases(rec, tracker, policy, caller, optim, sampled, A, a, device, ful
         if not short:  # one k, with the gradients of an earlier k present (the steady state)
             for p in trainable(model):
                 p.grad = torch.zeros_like(p)
-                # filed as the tracker files FSDP's own gradients
-                tracker._update_and_maybe_create_winfos(p.grad._local_tensor, _FSDPRefType.SHARDED_GRAD, True)
+                # filed as the tracker files FSDP's own gradients (a plain module's: MemTracker's)
+                kind = (p.grad._local_tensor, _FSDPRefType.SHARDED_GRAD) if hasattr(p.grad, "_local_tensor") else \
+                    (p.grad, _MemRefType.GRAD)
+                tracker._update_and_maybe_create_winfos(*kind, True)
         step = train.clip_and_step
         train.clip_and_step = rec.wrap(f"optimizer step{tag}", step, note="clip_grad_norm_ + AdamW")
         try:
@@ -420,6 +490,7 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.checkpoint.state_dict import get_state_dict
     import train
@@ -430,20 +501,22 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
     meter = Meter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
     with fake_mode, real_meshes(), checks_pass() if fake else nullcontext(), meter:
-        # load: from_pretrained puts the whole fp32 transformer on the device, then shard_model shards it
+        # load (train.load_model): each rank materialises its shard only, then reads its rows block by block
         hps = build_reward(s, device)
         load = MemTracker()
         load.track_external(hps.model)
-        # (under LoRA, peft's .to() of a new adapter cannot swap a parameter the tracker holds: the load is not
-        # tracked there; the whole bf16 base on one GPU is its size)
-        with load if not s.lora_rank else nullcontext():
+        with load:
             policy, model = build_policy(s, device)
-        load_peak = next(iter(load.get_tracker_snapshot("peak").values()))["Total"] if not s.lora_rank else \
-            sum(_nbytes(p.full_tensor() if hasattr(p, "full_tensor") else p) for p in model.parameters())
+        load_peak = _peak_total(load)
         caller = Caller(model)
         optim = torch.optim.AdamW(trainable(model), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-        tracker = FSDPMemTracker(model, optim)
-        tracker.track_external(policy.vae, hps.model, policy.img_ids)
+        sharded = isinstance(model, FSDPModule)  # not at world size 1 under LoRA (train.shard_model)
+        if sharded:
+            tracker = FSDPMemTracker(model, optim)
+            tracker.track_external(policy.vae, hps.model, policy.img_ids)
+        else:
+            tracker = plain_tracker(model)
+            tracker.track_external(model, optim)
         rec = Recorder(tracker, meter, flop_counter, rss)
         with tracker:
             # AdamW's moments exist from iteration 2 on. The first step on DTensors also fills DTensor's
@@ -453,8 +526,8 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
                 p.grad = torch.zeros_like(p)
             train.clip_and_step(model, optim, a, device)
 
-            with rec.phase("encode", note="T5-XXL + CLIP-L in fp32 (the policy's dtype), batch 1"):
-                cond = encode(s, device)
+            with rec.phase("encode", note=f"T5-XXL + CLIP-L in {str(policy.dtype)[6:]} (the policy's dtype), batch 1"):
+                cond = encode(s, device, policy.dtype)
             prompt = "a photo of a cat"
             policy._store(prompt, cond)
             hps.text_features([prompt])
@@ -483,10 +556,11 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
                 msd, osd = get_state_dict(model, optim, options=train.trained_only())
                 ckpt_bytes = sum(_nbytes(t.to_local() if hasattr(t, "to_local") else t)
                                  for t in _tensors((msd, osd)))
-    shard = sum(_nbytes(p.to_local()) for p in model.parameters())
+    shard = sum(_nbytes(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters())
     n_trained = sum(p.numel() for p in trainable(model))
     full_bytes = sum(p.numel() * 2 for p in model.parameters())  # bf16 gathered
-    return dict(world=dist.get_world_size(), lora_rank=s.lora_rank, trained=n_trained, phases=rec.phases, load_peak=load_peak, ckpt_bytes=ckpt_bytes,
+    return dict(world=dist.get_world_size(), lora_rank=s.lora_rank, sharded=sharded, trained=n_trained,
+                phases=rec.phases, load_peak=load_peak, ckpt_bytes=ckpt_bytes,
                 param_shard_bytes=shard, params=sum(p.numel() for p in model.parameters()), bf16_bytes=full_bytes,
                 rollout_calls=sampled.rollout.calls, rollout_evals=sampled.rollout.evals, loss_ok=stats is not None,
                 images=len(s.Lambda) * len(s.M) * s.G + 1,
@@ -528,8 +602,9 @@ def tiny_setting(size: int = 32, heads: int = 2, head_dim: int = 16) -> Setting:
 # ------------------------------------------------------------------------------------------------
 # From one rank's counts to the answers: fit, time per iteration, GPU-hours, communication
 # ------------------------------------------------------------------------------------------------
-KINDS = {"params": ("Sharded Param", "Buffer"), "gathered": ("Unsharded Param", "All Gather"),
-         "grads": ("Sharded Grad", "Unsharded Grad", "Reduce Scatter"), "optimizer": ("OptState",),
+KINDS = {"params": ("Sharded Param", "Buffer", "Parameter"), "gathered": ("Unsharded Param", "All Gather"),
+         "grads": ("Sharded Grad", "Unsharded Grad", "Reduce Scatter", "Gradient"),
+         "optimizer": ("OptState", "Optstate"),
          "activations": ("Activation", "Inputs"), "temporaries": ("Temp",)}
 ITERATION = ("encode", "rollout", "decode", "reward")  # then a train variant and its optimizer step
 
@@ -622,7 +697,8 @@ def markdown(results: list, analyses: list, args) -> str:
     gb = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     lines = [f"# One G2RPO iteration of FLUX.1-dev, simulated (`python bench/scale.py`)", "",
              f"Table 4 setting: T = 16, G = 12, M = 8 steps, Lambda = {{1, 2, 3}}, 720x720, one prompt per GPU. "
-             f"Per rank; memory in GiB (FSDPMemTracker on fake tensors), time = roofline at {MFU:.0%} of dense "
+             f"Per rank; memory in GiB (FSDPMemTracker on fake tensors; without FSDP MemTracker), time = roofline "
+             f"at {MFU:.0%} of dense "
              f"peak (bf16 {PEAK['bf16'] / 1e12:.0f}, fp32 {PEAK['fp32'] / 1e12:.0f}, TF32 conv "
              f"{PEAK['tf32'] / 1e12:.0f} TFLOP/s) and {BW_EFF:.0%} of HBM bandwidth (H100 SXM 3.35, H200 4.8 TB/s).", ""]
     for r, a in zip(results, analyses):
@@ -631,9 +707,11 @@ def markdown(results: list, analyses: list, args) -> str:
             if r.get("lora_rank") else ""
         lines += [f"## World size {W}{lora}", "",
                   f"{r['params'] / 1e9:.2f} B parameters: {gb(r['param_shard_bytes'])} GiB of them per rank ("
-                  f"{'the frozen bf16 base and fp32 adapters, not sharded' if r.get('lora_rank') else 'fp32 shard'}), "
-                  f"{gb(r['bf16_bytes'])} GiB gathered in bf16. Load (from_pretrained puts the whole "
-                  f"transformer on each GPU before shard_model): peak {gb(r['load_peak'])} GiB. Rollout: "
+                  f"{'the frozen bf16 base and fp32 adapters' if r.get('lora_rank') else 'fp32'}"
+                  f"{' shard' if r.get('sharded', True) else ', whole: no FSDP at world size 1'}), "
+                  f"{gb(r['bf16_bytes'])} GiB in bf16{', gathered for the rollout' if r.get('sharded', True) else ''}. "
+                  f"Load (train.load_model: each rank fills its own shard, a block at a time; the VAE and HPS "
+                  f"loaded): peak {gb(r['load_peak'])} GiB. Rollout: "
                   f"{r['rollout_evals']} evaluations in {r['rollout_calls']} calls; {r['images']} images decoded "
                   f"and scored.", "",
                   "| phase | peak | params | gathered | grads | optimizer | activations | temporaries | TFLOP "

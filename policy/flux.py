@@ -22,12 +22,15 @@ vae.decode(x / scaling_factor + shift_factor) / 2 + 0.5, both clamped to [0, 1].
 
 The text encoders (9 GB for T5-XXL) are never kept: `encode_prompts` loads them, encodes what is
 missing, stores the embeddings (in memory, or one .pt file per prompt under cache_dir, keyed by a
-fingerprint of the encoders, the max length, the dtype and the prompt) and frees them again.
+fingerprint of the encoders, the max length, the dtype and the prompt) and frees them again. Every weight is
+read straight onto the device in the dtype it runs in: the transformer part by part (load_transformer: under
+FSDP2 each rank reads only its own shard), the text encoders through from_pretrained's device_map.
 """
 import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -89,8 +92,10 @@ class FluxPolicy:
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, height=None, width=None,
-                        max_sequence_length=None, guidance=None, cache_dir=None, embed_dtype=None):
-        """Load a local diffusers FLUX folder. Unset options come from its g2rpo.json, else DEFAULTS."""
+                        max_sequence_length=None, guidance=None, cache_dir=None, embed_dtype=None, transformer=None):
+        """Load a local diffusers FLUX folder. Unset options come from its g2rpo.json, else DEFAULTS. The
+        transformer is read straight onto `device` in `dtype` (load_transformer), or `transformer` is used as given
+        (train.py's: sharded before it was filled)."""
         root = Path(path)
         hint = (f"expected a local diffusers FLUX folder as FluxPipeline.save_pretrained writes it "
                 f"({LAYOUT}); download black-forest-labs/FLUX.1-dev there, or write the toy model (python -m toy)")
@@ -106,9 +111,9 @@ class FluxPolicy:
         opts = {**DEFAULTS, **(json.loads(extra.read_text()) if extra.is_file() else {})}
         given = dict(height=height, width=width, max_sequence_length=max_sequence_length, guidance=guidance)
         opts = {k: given[k] if given[k] is not None else opts[k] for k in DEFAULTS}
-        transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", dtype=dtype)
+        if transformer is None:
+            transformer = load_transformer(WeightFiles(root / "transformer"), device, dtype).eval()
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=dtype) if has_vae else None
-        transformer = transformer.to(device).eval()
         vae = vae.to(device).eval() if vae is not None else None
         return cls(root, transformer, vae, **opts, device=device, dtype=dtype, cache_dir=cache_dir,
                    embed_dtype=embed_dtype)
@@ -200,8 +205,10 @@ class FluxPolicy:
             return 0
         tok = CLIPTokenizer.from_pretrained(self.root / "tokenizer")
         tok_2 = T5Tokenizer.from_pretrained(self.root / "tokenizer_2")
-        clip = CLIPTextModel.from_pretrained(self.root / "text_encoder", dtype=self.dtype).to(self.device).eval()
-        t5 = T5EncoderModel.from_pretrained(self.root / "text_encoder_2", dtype=self.dtype).to(self.device).eval()
+        # each weight read straight onto the device in the dtype they run in: never a whole copy in host memory
+        where = dict(dtype=self.dtype, device_map={"": self.device})
+        clip = CLIPTextModel.from_pretrained(self.root / "text_encoder", **where).eval()
+        t5 = T5EncoderModel.from_pretrained(self.root / "text_encoder_2", **where).eval()
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             ids = _tokenize(tok, batch, tok.model_max_length)  # (b, 77)
@@ -282,6 +289,100 @@ def save_model_folder(path, state_dict, config, model_dir):
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------- the transformer, read a part at a time
+class WeightFiles:
+    """A diffusers model folder's weights (one safetensors file, or several named by its
+    `*.safetensors.index.json`) and config, read a part at a time: `read([(key, index, shape)])` yields
+    (key, tensor[index]) for each, in the file's dtype, after checking that the file holds `shape`. Each file is
+    opened (mapped) once per call and closed after it, and only the bytes of the parts are read: the rows of a
+    row-major tensor are one contiguous range, so a rank that reads its Shard(0) rows touches its share of the
+    file."""
+
+    def __init__(self, folder):
+        from safetensors import safe_open
+        self.folder, self.open = Path(folder), safe_open
+        self.config = FluxTransformer2DModel.load_config(self.folder)
+        index = sorted(self.folder.glob("*.safetensors.index.json"))
+        if index:
+            self.files = {k: self.folder / f for k, f in json.loads(index[0].read_text())["weight_map"].items()}
+        else:
+            self.files = {}
+            for file in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(file, framework="pt") as f:
+                    self.files.update(dict.fromkeys(f.keys(), file))
+        if not self.files:
+            raise FileNotFoundError(f"{self.folder} holds no safetensors weights (diffusers' save_pretrained format)")
+
+    def read(self, items):
+        by_file = {}
+        for key, index, shape in items:
+            if key not in self.files:
+                raise KeyError(f"{self.folder} holds no weight {key}")
+            by_file.setdefault(self.files[key], []).append((key, index, tuple(shape)))
+        for file, group in by_file.items():
+            with self.open(file, framework="pt") as f:
+                for key, index, shape in group:
+                    part = f.get_slice(key)
+                    if tuple(part.get_shape()) != shape:
+                        raise ValueError(f"{file}: {key} has shape {tuple(part.get_shape())}, the config gives {shape}")
+                    yield key, part[index] if shape else f.get_tensor(key)
+
+
+def load_transformer(weights, device="cpu", dtype=torch.float32, prepare=None):
+    """A FluxTransformer2DModel in `dtype` on `device` from `weights` (a WeightFiles, or anything with its .config
+    and .read: bench/scale.py reads fake tensors), of which this process only ever holds its own part: the whole
+    model in one process, its shard under FSDP2, plus one block's part in flight.
+
+    1. built from the config on the meta device (no memory, no random init);
+    2. `prepare(transformer)` may change it there and returns the module to fill: train.load_model adds the LoRA
+       adapters (policy.lora.add_lora makes them real, with their seeded values) and shards it (train.shard_model:
+       FSDP2's fully_shard takes meta parameters);
+    3. every parameter gets memory for its local part only (to_empty: a plain tensor whole, a DTensor its local
+       shard, FSDP2 and HSDP alike) and is filled block by block with the rows it holds, read and cast to its dtype
+       as from_pretrained casts them. Parameters that `prepare` made real (the adapters) keep their values."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(weights.config)
+        _replace_parameters(transformer, lambda p: p.to(dtype))  # FLUX keeps no module in fp32
+    module = prepare(transformer) if prepare is not None else transformer
+    if any(True for _ in module.buffers()):
+        raise NotImplementedError("load_transformer fills parameters only, and this module has buffers")
+
+    def local(p):
+        return p.to_local() if isinstance(p, DTensor) else p
+    with torch.no_grad():
+        kept = {n: local(p).clone() for n, p in module.named_parameters() if not p.is_meta}
+        if any(isinstance(p, DTensor) for p in module.parameters()):
+            module.to_empty(device=device)  # FSDP2 re-registers its shards in its _apply
+        else:
+            _replace_parameters(module, lambda p: torch.empty_like(p, device=device))
+        params, blocks = dict(module.named_parameters()), {}
+        for name, p in params.items():
+            if name in kept:
+                local(p).copy_(kept.pop(name))
+                continue
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements) \
+                if isinstance(p, DTensor) else (p.shape, (0,) * p.dim())
+            index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+            key = name.replace(".base_layer.", ".")  # an adapted layer's own weight, as the file names it
+            block = re.match(r"((single_)?transformer_blocks\.\d+\.)?", name)[0]  # '' for the root's own
+            blocks.setdefault(block, {})[key] = (name, index, p.shape)
+        for block in blocks.values():
+            for key, part in weights.read([(key, index, shape) for key, (_, index, shape) in block.items()]):
+                target = local(params[block[key][0]])
+                target.copy_(part.to(target.dtype))
+    return module
+
+
+def _replace_parameters(module, fn):
+    """Every parameter p of `module` replaced by a new one holding fn(p), requires_grad kept (by assignment, where
+    .to() and .to_empty() swap fake tensors in place, which they refuse: bench/scale.py)."""
+    for m in module.modules():
+        for n, p in list(m.named_parameters(recurse=False)):
+            m.register_parameter(n, torch.nn.Parameter(fn(p), requires_grad=p.requires_grad))
 
 
 def _tokenize(tok, texts, n: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ both streams (single blocks included: their attn.to_q/k/v) and the feed-forward 
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,8 +33,10 @@ def lora_config(rank: int, alpha: float = 0, targets=TARGETS):
 def add_lora(transformer, rank: int, alpha: float = 0, targets=TARGETS, seed: int = 0):
     """Add an adapter in place: only its A, B matrices train, in float32; every other weight is frozen.
     A's random init comes from `seed` alone, so that every rank of a sharded run builds the same adapter.
-    Returns the number of trainable parameters."""
-    with torch.random.fork_rng(devices=[]):
+    A base on the meta device (train.py builds it there and fills it later, policy.flux.load_transformer) gets
+    real adapters all the same, on the CPU, with the values a loaded base gets. Returns the number of trainable
+    parameters."""
+    with torch.random.fork_rng(devices=[]), _real_stand_ins(transformer):
         torch.manual_seed(seed)
         transformer.add_adapter(lora_config(rank, alpha, targets))
     n = 0
@@ -46,6 +49,23 @@ def add_lora(transformer, rank: int, alpha: float = 0, targets=TARGETS, seed: in
     if n == 0:
         raise ValueError(f"LoRA targets {list(targets)} match no module of the transformer")
     return n
+
+
+@contextmanager
+def _real_stand_ins(transformer):
+    """peft makes each adapter on the CPU, draws its init, then moves it to the device and dtype of the layer it
+    adapts: onto the meta device, the values would be lost. While the adapters are made, each meta weight of a
+    linear layer is stood in for by a CPU tensor of its shape and dtype that holds one element (stride 0), so that
+    they stay on the CPU, cast to the base's dtype as for a loaded base; the meta weights then return."""
+    swapped = [(m, m.weight) for m in transformer.modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.is_meta]
+    for m, w in swapped:
+        m.weight = torch.nn.Parameter(torch.empty((), dtype=w.dtype).expand(w.shape), requires_grad=w.requires_grad)
+    try:
+        yield
+    finally:
+        for m, w in swapped:
+            m.weight = w
 
 
 def is_lora_folder(path) -> bool:
