@@ -104,6 +104,7 @@ class Args:
     probe_stop: bool = False  # stop when a reward not trained on has fallen (default: warn and go on)
     keep_best: bool = True  # export the best model by the guard's criterion to --out/best (with --probe-every)
     export: bool = True  # export the transformer in diffusers format at the end
+    preflight: bool = True  # on a GPU: stop at start when the estimated peak memory (launch/preflight.py) does not fit
     num_samples: int = 8  # images in the fixed-prompt sample grid
     device: str = ""  # cuda or cpu (empty: cuda if available)
     collective_timeout: float = collectives.DEFAULT_TIMEOUT_MIN  # minutes a rank waits in a collective (NCCL watchdog) while rank 0 alone exports or writes
@@ -707,6 +708,26 @@ DIVERGED = ("{} iterations in a row without an update (non-finite rewards, advan
             "diverged and nothing is exported; lower --lr, or --resume from an earlier checkpoint")
 
 
+def will_it_fit(a: Args, world: int, device, is_main: bool):
+    """On a GPU, before any weight is read: the estimated per-GPU peak of this run (launch/preflight.py, the
+    accounting bench/scale.py simulates) against this GPU's memory; every rank stops with rank 0 saying, in one line,
+    what would fit. On the CPU there is no fixed budget to check."""
+    if device.type != "cuda" or not a.model:
+        return
+    from launch.preflight import check_fits_args, estimate, settings_from_args
+    model = Path(a.model)
+    cfg = json.loads((model / "transformer" / "config.json").read_text())
+    vae = json.loads((model / "vae" / "config.json").read_text()) if (model / "vae" / "config.json").is_file() else None
+    memory = torch.cuda.get_device_properties(device).total_memory
+    why = check_fits_args(a, world, cfg, memory, vae)
+    whys = [w for w in all_gather_objects(why) if w]
+    if whys:
+        stop(f"will not fit: {whys[0]} (--no-preflight runs it anyway)", is_main)
+    if is_main:
+        print(f"pre-flight: {estimate(cfg, **settings_from_args(a, world, cfg, vae)).line()}; this GPU has "
+              f"{memory / 2**30:.1f} GiB", flush=True)
+
+
 def stop(message: str, is_main: bool):
     """End every rank with exit status 1; rank 0 says why."""
     dist.destroy_process_group()
@@ -731,6 +752,8 @@ def main(argv=None):
     check_all(a, is_main)
     quiet()
     rank, world, device = collectives.init(a.device, a.collective_timeout)
+    if a.preflight:
+        will_it_fit(a, world, device, is_main)  # before any weight is read
     check_shared(out, rank)  # every rank writes into --out: one folder for all of them (two nodes: a shared one)
     lock = trainrun.take_lock(out, overwrite=a.overwrite) if is_main else None  # noqa: F841 - held until exit
     barrier()
