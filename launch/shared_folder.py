@@ -6,6 +6,7 @@ a checkpoint folder stays `ckpt_N.tmp` there, a --resume silently passes it over
 one node only. `check_shared` proves the folder is one: rank 0 writes a random token into it, every rank reads
 it back, and every rank stops together (rank 0 says which hosts do not see it) if any rank cannot.
 """
+import os
 import secrets
 import socket
 import time
@@ -37,9 +38,13 @@ def check_shared(out: Path, rank: int, who: str = "train.py"):
                          f"writes into --out: give a folder on a file system that every node mounts" if rank == 0 else 1)
 
 
-def _reads(path: Path, token: str, patience: float = 20.0) -> bool:
-    """Whether `path` holds `token`, asked again for `patience` seconds: a network file system may answer from a
-    stale directory cache for a few seconds after another host created the file."""
+PATIENCE = float(os.environ.get("G2RPO_SHARED_CHECK_SECONDS", "20"))  # how long a rank looks for rank 0's token
+
+
+def _reads(path: Path, token: str, patience: float = None) -> bool:
+    """Whether `path` holds `token`, asked again for `patience` seconds (PATIENCE): a network file system may answer
+    from a stale directory cache for a few seconds after another host created the file."""
+    patience = PATIENCE if patience is None else patience
     deadline = time.monotonic() + patience
     while True:
         try:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from guard.probes import Guard, probe_items, share
-from test_train import launch, metrics, tiny_model  # noqa: F401 - tiny_model is a fixture
+from test_train import launch, metrics
 
 probe_means = st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=12)
 

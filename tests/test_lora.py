@@ -10,7 +10,7 @@ from diffusers import FluxTransformer2DModel
 
 import evaluate
 from policy.lora import add_lora, adapter_state, trainable
-from test_train import launch, metrics, tiny_model  # noqa: F401 - tiny_model is a fixture
+from test_train import launch, metrics
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2"]
 CFG = dict(patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=8,

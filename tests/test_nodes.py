@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 from data.prompts import encoding_share
 from report import trainrun
 from report.files import atomic_write
-from test_train import TINY, tiny_model  # noqa: F401 - tiny_model is a fixture
+from test_train import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def test_two_nodes_with_their_own_out_are_stopped_before_any_work(tiny_model, tm
     """Two torchrun 'nodes' (one process each) whose relative --out resolves to a folder of their own, as on
     node-local disks: both stop in one line, before the model is loaded or anything is written."""
     port = str(29300 + os.getpid() % 300)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "G2RPO_SHARED_CHECK_SECONDS": "2"}
     procs = []
     for node in (0, 1):
         (tmp_path / f"node{node}").mkdir()

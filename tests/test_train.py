@@ -17,17 +17,6 @@ TINY = ["--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1", "2
         "--device", "cpu", "--num-samples", "2"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import toy
-    d = tmp_path_factory.mktemp("toy") / "model"
-    toy.base_model(d, seed=0, cfg=toy.ToyConfig(steps=3, batch=8, heads=2, double_blocks=1, single_blocks=1),
-                   log=None)
-    prompts = d.parent / "prompts.txt"
-    prompts.write_text("\n".join(toy.TRAIN_PROMPTS[:6]) + "\n")
-    return d, prompts
-
-
 def launch(nproc, out, model, extra=(), check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if nproc:
