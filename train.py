@@ -746,17 +746,24 @@ def quiet():
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    is_main, out = os.environ.get("RANK", "0") == "0", Path(a.out)
+def start(a: Args, is_main: bool):
+    """Before any work: the arguments, the process group, whether the run fits the GPU, one --out for every rank
+    (two nodes: a shared one), and rank 0's lock on it. Returns (rank, world, device, the lock or None)."""
     check_all(a, is_main)
     quiet()
     rank, world, device = collectives.init(a.device, a.collective_timeout)
     if a.preflight:
         will_it_fit(a, world, device, is_main)  # before any weight is read
-    check_shared(out, rank)  # every rank writes into --out: one folder for all of them (two nodes: a shared one)
-    lock = trainrun.take_lock(out, overwrite=a.overwrite) if is_main else None  # noqa: F841 - held until exit
+    check_shared(Path(a.out), rank)
+    lock = trainrun.take_lock(Path(a.out), overwrite=a.overwrite) if is_main else None
     barrier()
+    return rank, world, device, lock
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    is_main, out = os.environ.get("RANK", "0") == "0", Path(a.out)
+    rank, world, device, lock = start(a, is_main)  # noqa: F841 - the lock is held until exit
     r = set_up(a, rank, world, device)
     model, optim, plan, meter = r.model, r.optim, r.plan, GatherMeter()
     if is_main:

@@ -18,3 +18,14 @@ def tiny_model(tmp_path_factory):
     prompts = d.parent / "prompts.txt"
     prompts.write_text("\n".join(toy.TRAIN_PROMPTS[:6]) + "\n")
     return d, prompts
+
+
+@pytest.fixture()
+def one_rank_group(tmp_path):
+    """A gloo process group of one, in this process (FSDP2 and DCP need a group even at world size 1)."""
+    import torch.distributed as dist
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

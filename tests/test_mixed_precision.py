@@ -3,23 +3,11 @@
 FSDP2's MixedPrecisionPolicy casts each sharded module's floating inputs to param_dtype by default: sharded per
 block, that would hand every FLUX block bf16 rotary tables, while evaluate.py, FluxPipeline and an unsharded
 bf16 transformer keep them fp32. train.shard_model casts only the root's inputs; this pins it."""
-import os
-
-import pytest
 import torch
-import torch.distributed as dist
 
 import train
 from policy.flux import FluxPolicy
 from tiny_flux import save_tiny_flux
-
-
-@pytest.fixture()
-def one_rank_group(tmp_path):
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_sharded_bf16_transformer_equals_the_unsharded_bf16_model(one_rank_group, tmp_path):

@@ -6,12 +6,10 @@ or a frozen LoRA base held in bf16); under bf16 the fp32 adapters then compute i
 bf16. Pinned here: the two paths give the same velocity before the update (the adapters start at B = 0), the same
 update within bf16 rounding, and velocities within bf16 rounding after it; and the simulation of the one-GPU LoRA
 recipe (bench/scale.py) holds no gathered copy."""
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
@@ -24,14 +22,6 @@ from tiny_flux import save_tiny_flux
 
 ROOT = Path(__file__).resolve().parent.parent
 BF16_STEP = 2 ** -8  # relative spacing of bf16 numbers
-
-
-@pytest.fixture()
-def one_rank_group(tmp_path):
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def full(t):

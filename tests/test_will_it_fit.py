@@ -2,12 +2,10 @@
 that cannot fit stops in one line that says what would; one that fits prints its estimate. The GPU is simulated
 (its memory size), the model is FLUX.1-dev's released configs (only config.json files: nothing is loaded)."""
 import json
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import train
 from bench.scale import FLUX_DEV, FLUX_VAE
@@ -19,14 +17,10 @@ def flux_folder(tmp_path):
         (tmp_path / "flux" / part).mkdir(parents=True)
         (tmp_path / "flux" / part / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "flux" / "model_index.json").write_text("{}")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield tmp_path / "flux"
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return tmp_path / "flux"
 
 
-def test_full_fine_tuning_on_one_80gb_gpu_is_refused_with_what_fits(flux_folder, monkeypatch, capsys):
+def test_full_fine_tuning_on_one_80gb_gpu_is_refused_with_what_fits(one_rank_group, flux_folder, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 10**9))
     a = train.parse_args(["--model", str(flux_folder), "--prompts", "p.txt"])
     with pytest.raises(SystemExit) as e:
@@ -34,7 +28,6 @@ def test_full_fine_tuning_on_one_80gb_gpu_is_refused_with_what_fits(flux_folder,
     line = str(e.value)
     assert "\n" not in line and line.startswith("train.py: will not fit: estimated peak")
     assert "--lora-rank 32" in line and "--nproc_per_node 8" in line and "--no-preflight" in line
-    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)  # (the fixture's group is gone already)
 
 
 def test_lora_on_one_gpu_and_eight_gpus_full_fit(flux_folder, monkeypatch, capsys):
