@@ -14,6 +14,12 @@ on 1 or N processes. The metrics of the reward registry (rewards/__init__.py) wh
 PNGs as stored (uint8); a skipped metric gets one line saying what it needs. A non-finite sample (a diverged
 model) stops the evaluation before any PNG of its batch is written. <out>/<name>/ holds a model's images, scores
 and results (report/runs.py; rerunning the command resumes); the tables: report/tables.py.
+
+Faults end in one line and lose nothing. Every file a model is read from is checked before any work (the checkpoint's
+.metadata and data files, the safetensors of an export or adapter): a damaged one is named with its model. A rank that
+meets an error stops every rank with it (launch.collectives.stop_if_any: rank 0 says it, the others exit 1 quietly).
+A run folder of other settings or weights is refused when its evaluation finished, and set aside when it did not
+(report/runs.py).
 """
 import gc
 import hashlib
@@ -36,14 +42,15 @@ import tyro
 from data.prompts import encoding_share, prompt_file_errors, read_prompts
 from launch import collectives
 from launch.shared_folder import check_shared
-from policy.flux import FluxPolicy, fingerprint_files, sample
-from policy.lora import add_lora, base_of, is_lora_folder, load_lora
+from policy.flux import FluxPolicy, fingerprint_files, folder_problem, safetensors_problem, sample
+from policy.lora import WEIGHTS as LORA_WEIGHTS, add_lora, base_of, is_lora_folder, load_lora
 from report import runs
-from report.files import load_png, save_png, write_text
+from report.files import file_errors_in_one_line, folder_errors, load_png, save_png, write_text
 from report.tables import compare, render_table
-from rewards import REWARDS, RewardOptions, load_rewards, lookup, needs
+from rewards import REWARDS, RewardOptions, load_rewards, lookup, needs, prompt_errors
 
 SEED_STRIDE = 1_000_000  # seed of image k of prompt j: seed + j + SEED_STRIDE * k
+WHO = "evaluate.py"
 
 
 @dataclass
@@ -95,7 +102,13 @@ def resolve_model(spec: str, base: str = "") -> ModelRef:
     p = Path(spec)
     if (p / ".metadata").is_file():  # a torch.distributed.checkpoint folder written by train.py
         args = p.parent / "args.json"
-        run = json.loads(args.read_text()) if args.is_file() else {}
+        try:
+            run = json.loads(args.read_text()) if args.is_file() else {}
+        except ValueError:
+            if not base:
+                raise SystemExit(f"evaluate.py: checkpoint {p}: {args} is damaged (not JSON): pass --base "
+                                 "MODEL_FOLDER") from None
+            run = {}
         under = base or (run.get("model", "") if args.is_file() else None)
         if under is None:
             raise SystemExit(f"evaluate.py: checkpoint {p} has no {args} naming its base model: pass --base")
@@ -103,7 +116,11 @@ def resolve_model(spec: str, base: str = "") -> ModelRef:
         lora_run = run if run.get("lora_rank") else None
         return ModelRef(f"{p.parent.name}-{p.name}", ref.folder, p, ref.toy, lora_args=lora_run)
     if is_lora_folder(p):  # train.py --lora-rank's export: the base model + this adapter
-        under = base or base_of(p)
+        try:
+            under = base or base_of(p)
+        except ValueError:
+            raise SystemExit(f"evaluate.py: adapter {p}: lora.json is damaged (not JSON): pass --base "
+                             "MODEL_FOLDER") from None
         if not under:
             raise SystemExit(f"evaluate.py: adapter {p} names no base model (lora.json): pass --base MODEL_FOLDER")
         ref = resolve_model(under)
@@ -111,9 +128,56 @@ def resolve_model(spec: str, base: str = "") -> ModelRef:
     if (p / "model_index.json").is_file():
         return ModelRef(f"{p.parent.name}-{p.name}" if p.name == "final" else p.name, p, None,
                         (p / "toy.json").is_file())
+    if list(p.glob("*.distcp")):
+        raise SystemExit(f"evaluate.py: --model {spec}: a checkpoint without its .metadata (written last: the save was "
+                         "cut short): evaluate another checkpoint of the run")
     hint = " (a train.py output: pass its final/ or one of its ckpt_*/ folders)" if (p / "args.json").is_file() else ""
     raise SystemExit(f"evaluate.py: --model {spec}: not a diffusers model folder (model_index.json) nor a "
                      f"train.py checkpoint (.metadata){hint}")
+
+
+def checkpoint_problem(ckpt: Path) -> str:
+    """'' when the train.py checkpoint folder `ckpt` can be read for evaluation (its .metadata reads and every data file
+    is as long as the metadata says), else what is wrong, naming the file. The generator states and state.json that
+    a --resume also needs (report/trainrun.problems) evaluation does not read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        meta = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - an unreadable pickle can raise almost anything
+        return f".metadata is unreadable ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]})"
+    need = {}
+    for info in (getattr(meta, "storage_data", None) or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    if not need:
+        return ".metadata names no data files"
+    for name, size in sorted(need.items()):
+        have = (ckpt / name).stat().st_size if (ckpt / name).is_file() else -1
+        if have < size:
+            return f"{name} is {'missing' if have < 0 else f'truncated ({have} of {size} bytes)'}"
+    return ""
+
+
+def model_problem(ref: ModelRef) -> str:
+    """'' when every file evaluating `ref` reads is whole, else one line naming the file and what is wrong (read
+    from the files' headers and sizes; nothing is loaded): the checkpoint, the adapter, the model folder."""
+    if ref.checkpoint and (why := checkpoint_problem(ref.checkpoint)):
+        return f"checkpoint {ref.checkpoint}: {why}"
+    if ref.lora and (why := safetensors_problem(ref.lora / LORA_WEIGHTS)):
+        return f"adapter {ref.lora}: {LORA_WEIGHTS}: {why}"
+    if why := folder_problem(ref.folder):
+        return f"{'base model' if ref.checkpoint or ref.lora else 'model folder'} {ref.folder}: {why}"
+    return ""
+
+
+def one_line(fn, *args):
+    """(fn(*args), None), or (None, its line) when fn stops with SystemExit("evaluate.py: ..."): for
+    collectives.stop_if_any, which stops every rank when any has a line (rank 0 says the first)."""
+    try:
+        return fn(*args), None
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        return None, e.code.removeprefix(f"{WHO}: ")
 
 
 def load_policy(ref: ModelRef, a: Args, device, dtype, cache_dir):
@@ -198,9 +262,12 @@ def start_run(ref: ModelRef, ctx: Context, run: Path) -> dict:
     model = {"folder": str(ref.folder), "checkpoint": ref.checkpoint and str(ref.checkpoint),
              **({"lora": str(ref.lora)} if ref.lora else {}), "fingerprint": weights[:16]}
     manifest = {"name": ref.name, "model": model, "settings": ctx.settings, "images": [asdict(it) for it in ctx.items]}
-    runs.check_manifest(run, manifest)  # every rank checks, so all of them stop together
-    collectives.barrier()
+    other, error = one_line(runs.check_manifest, run, manifest)  # every rank reads the same files: the same answer
+    collectives.stop_if_any(error, WHO)  # a finished evaluation of other settings or weights: refused
     if ctx.rank == 0:
+        if other:  # an unfinished one: its images are not this model's
+            print(runs.set_aside(run, other), flush=True)
+        runs.tidy(run)
         (run / "images").mkdir(parents=True, exist_ok=True)
         write_text(run / "manifest.json", json.dumps(manifest, indent=1))
     collectives.barrier()
@@ -231,7 +298,7 @@ def sample_and_score(ref: ModelRef, ctx: Context, run: Path, done: dict):
     mine = rank_batches(ctx.items, a.batch_size, ctx.rank, ctx.world)
     needs = [[it.prompt for b in rank_batches(ctx.items, a.batch_size, r, ctx.world) for it in b
               if not (run / it.file).is_file()] for r in range(ctx.world)]  # every rank sees the same files here
-    policy, new, count = None, [], {"sampled": 0, "on_disk": 0, "scored": 0}
+    policy, new, count, error = None, [], {"sampled": 0, "on_disk": 0, "scored": 0}, None
     if needs[ctx.rank]:  # the prompts of this rank's missing images, encoded by one rank each into the shared cache
         policy = load_policy(ref, a, ctx.device, ctx.dtype, run.parent / "prompt_cache")
         policy.encode_prompts(encoding_share(needs, ctx.rank), batch_size=1)  # alone: the same numbers on any world
@@ -244,8 +311,9 @@ def sample_and_score(ref: ModelRef, ctx: Context, run: Path, done: dict):
                            batch_size=len(batch))  # (b, 3, H, W) in [0, 1], the whole batch
                 bad = [it for it, ok in zip(batch, x.flatten(1).isfinite().all(1).tolist()) if not ok]
                 if bad:  # a diverged model: stop before any PNG of this batch exists (uint8 would hide the NaN)
-                    raise SystemExit(f"evaluate.py: {ref.name} sampled a non-finite image (prompt "
-                                     f"{bad[0].prompt_index}, seed {bad[0].seed}): a diverged model is not scored")
+                    error = (f"{ref.name} sampled a non-finite image (prompt {bad[0].prompt_index}, seed "
+                             f"{bad[0].seed}): a diverged model is not scored")
+                    break
                 u8 = (x.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
                 for it, img in zip(batch, u8):
                     if it.index in missing:
@@ -261,6 +329,7 @@ def sample_and_score(ref: ModelRef, ctx: Context, run: Path, done: dict):
     gc.collect()
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
+    collectives.stop_if_any(error, WHO)  # the other ranks have finished their batches: what they made is kept
     return new, count
 
 
@@ -292,16 +361,26 @@ def evaluate_model(ref: ModelRef, ctx: Context) -> dict:
 # main
 # ------------------------------------------------------------------------------------------------
 def resolve_models(a: Args, rank: int, world: int) -> list:
-    refs = [resolve_model(s, a.base) for s in a.model or ["toy"]] if rank == 0 else None  # rank 0 pretrains once
-    collectives.barrier()
-    refs = refs or [resolve_model(s, a.base) for s in a.model or ["toy"]]
-    if a.names:
-        if len(a.names) != len(refs):
-            raise SystemExit(f"evaluate.py: {len(refs)} models but {len(a.names)} --names")
-        for r, n in zip(refs, a.names):
-            r.name = n
-    if len({r.name for r in refs}) < len(refs):
-        raise SystemExit(f"evaluate.py: two models are named alike {[r.name for r in refs]}: give --names")
+    """The models, named, each of its files checked (model_problem) on every rank before any work: a problem stops
+    every rank, and rank 0 says it in one line."""
+    def resolve():
+        refs = [resolve_model(s, a.base) for s in a.model or ["toy"]]
+        if a.names:
+            if len(a.names) != len(refs):
+                raise SystemExit(f"evaluate.py: {len(refs)} models but {len(a.names)} --names")
+            for r, n in zip(refs, a.names):
+                r.name = n
+        if len({r.name for r in refs}) < len(refs):
+            raise SystemExit(f"evaluate.py: two models are named alike {[r.name for r in refs]}: give --names")
+        for r in refs:
+            if why := model_problem(r):
+                raise SystemExit(f"evaluate.py: model {r.name}: {why}")
+        return refs
+    refs, error = one_line(resolve) if rank == 0 else (None, None)  # rank 0 first: it pretrains the toy model once
+    collectives.stop_if_any(error, WHO)
+    if rank != 0:
+        refs, error = one_line(resolve)
+    collectives.stop_if_any(error, WHO)
     return refs
 
 
@@ -323,7 +402,10 @@ def make_context(a: Args, toy_world: bool, rank: int, world: int, device) -> Con
     options = asdict(a.rewards) | {"unifiedreward_strict": False}  # an unparsable reply: NaN, reported, go on
     try:
         skipped = {m: f"skipping {lookup(m).title}: needs {what}" for m in names if (what := needs(m, options))}
-    except ValueError as e:
+        source = f"--prompts {a.prompts}" if a.prompts else "the toy prompts"  # a metric that cannot score them
+        skipped |= {m: f"skipping {lookup(m).title}: {e}" for m in names if m not in skipped
+                    for e in prompt_errors(m, prompts, source)}
+    except (ValueError, FileNotFoundError) as e:  # an unknown metric, a file given that does not exist
         raise SystemExit(f"evaluate.py: {e}")
     settings = {"steps": a.steps, "shift": a.shift, "guidance": a.guidance, "height": a.height, "width": a.width,
                 "seed": a.seed, "per_prompt": a.per_prompt, "batch_size": a.batch_size, "dtype": str(dtype),
@@ -335,31 +417,46 @@ def make_context(a: Args, toy_world: bool, rank: int, world: int, device) -> Con
 
 def main(argv=None):
     a = tyro.cli(Args, args=argv)
+    if errors := folder_errors(a.out, "--out"):  # before the process group: every rank stops, rank 0 says it
+        raise SystemExit(f"{WHO}: {errors[0]}" if int(os.environ.get("RANK", "0")) == 0 else 1)
     if a.compare:
-        return compare(a.compare, Path(a.out), a.grid_prompts)
+        with file_errors_in_one_line(WHO, a.out):
+            return compare(a.compare, Path(a.out), a.grid_prompts)
     if not (math.isfinite(a.collective_timeout) and a.collective_timeout >= 1):
         raise SystemExit(f"evaluate.py: --collective-timeout {a.collective_timeout}: minutes, >= 1")
-    rank, world, device = collectives.init(a.device, a.collective_timeout, "evaluate.py", group_of_one=False)
-    check_shared(Path(a.out), rank, "evaluate.py")  # every rank writes images and scores into --out
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    rank, world, device = collectives.init(a.device, a.collective_timeout, WHO, group_of_one=False)
     threads = torch.get_num_threads()
     try:
-        refs = resolve_models(a, rank, world)
-        toy_world = all(r.toy for r in refs)
-        ctx = make_context(a, toy_world, rank, world, device)
-        if toy_world and device.type == "cpu":
-            torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the same on any launch
-        a, n = ctx.args, len(ctx.items)
-        if rank == 0:
-            for line in ctx.skipped.values():
-                print(line)
-            print(f"world size {world} | {len(refs)} model(s) | {n // a.per_prompt} prompts x {a.per_prompt} = {n} "
-                  f"images per model | {math.ceil(n / a.batch_size)} batches of {a.batch_size} (rank r takes batches "
-                  f"r, r+{world}, ...) | T={a.steps} shift={a.shift} guidance={a.guidance} | metrics "
-                  f"{', '.join(ctx.metrics) or 'none'} | device {device} {str(ctx.dtype).removeprefix('torch.')}",
-                  flush=True)
-        results = []
+        with collectives.peers_stop_quietly(WHO):  # another rank stopped (and said why): this one exits quietly
+            return evaluate_all(a, rank, world, device)
+    finally:
+        torch.set_num_threads(threads)
+        if world > 1 and dist.is_initialized():  # stop_if_any has ended it already when a rank stopped
+            dist.destroy_process_group()
+
+
+def evaluate_all(a: Args, rank: int, world: int, device) -> list:
+    """Every model of the command: checked, sampled, scored; the table or the comparison. [(run folder, results)]."""
+    check_shared(Path(a.out), rank, WHO)  # every rank writes images and scores into --out
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    refs = resolve_models(a, rank, world)
+    toy_world = all(r.toy for r in refs)
+    ctx, error = one_line(make_context, a, toy_world, rank, world, device)  # prompts, metrics, settings
+    collectives.stop_if_any(error, WHO)
+    if toy_world and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the same on any launch
+    a, n = ctx.args, len(ctx.items)
+    if rank == 0:
+        for line in ctx.skipped.values():
+            print(line)
+        print(f"world size {world} | {len(refs)} model(s) | {n // a.per_prompt} prompts x {a.per_prompt} = {n} "
+              f"images per model | {math.ceil(n / a.batch_size)} batches of {a.batch_size} (rank r takes batches "
+              f"r, r+{world}, ...) | T={a.steps} shift={a.shift} guidance={a.guidance} | metrics "
+              f"{', '.join(ctx.metrics) or 'none'} | device {device} {str(ctx.dtype).removeprefix('torch.')}",
+              flush=True)
+    results = []
+    with file_errors_in_one_line(WHO, a.out):  # a full disk, a read-only folder: one line naming the path
         for ref in refs:
             results.append((Path(a.out) / ref.name, evaluate_model(ref, ctx)))
             collectives.barrier()
@@ -367,11 +464,7 @@ def main(argv=None):
             compare([str(run) for run, _ in results], Path(a.out), a.grid_prompts)
         elif rank == 0:
             print(render_table(results))
-        return results
-    finally:
-        torch.set_num_threads(threads)
-        if world > 1:
-            dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

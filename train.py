@@ -10,10 +10,12 @@ then main(), whose loop carries Algorithm 1's line numbers. The equations live i
 1-3), rollout.py (Sec. 3.2, Eq. 10, re-scoring), advantage.py (Eqs. 8, 11) and loss.py (Eq. 12).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,15 +30,17 @@ from tqdm import tqdm
 
 from advantage import mixed_advantage
 from baselines.grpo import ALGOS as BASELINES, PRESETS as BASELINE_PRESETS, TrajectoryGRPO
-from data.prompts import PromptSampler, encoding_share, future_prompts, prompt_file_errors, read_prompts
+from data.prompts import PromptSampler, encoding_share, future_prompts, numbered_prompts, prompt_file_errors, \
+    read_prompts
 from loss import g2rpo_loss
 from guard.probes import Guard, probe_items, share
-from launch import collectives, peak_memory
-from launch.collectives import all_gather_objects, all_true, barrier, mean_over_ranks
+from launch import checkpoints, collectives, peak_memory
+from launch.collectives import all_gather_objects, all_true, barrier, mean_over_ranks, stop_if_any
 from launch.shared_folder import check_shared
 from policy.lora import TARGETS as LORA_TARGETS, add_lora, trainable
 from report import trainrun
-from rewards import RewardOptions, load_rewards, reward_spec_errors, spec_names
+from report.files import file_errors_in_one_line, folder_errors, why_not_written
+from rewards import RewardOptions, load_rewards, prompt_errors, reward_spec_errors, spec_names
 from rollout import default_sde_steps, rescore_groups, singular_rollout, stack_images, subset_evaluations
 from sde import SCHEDULES, sigma_grid
 
@@ -169,7 +173,7 @@ def guard_errors(a: Args) -> list:
         [f"--probe-tolerance {a.probe_tolerance}: must be >= 0"]
     if a.model and not a.probe_prompts:
         errors.append("--probe-every with --model needs --probe-prompts FILE (held-out prompts)")
-    errors += prompt_file_errors(a.probe_prompts) if a.probe_prompts else []
+    errors += prompt_file_checks(a.probe_prompts, "--probe-prompts", a.reward, a.probe_rewards) if a.probe_prompts else []
     if a.probe_rewards:
         spec = [f"--probe-rewards {e}" for e in reward_spec_errors(a.probe_rewards, asdict(a.rewards))]
         if not spec and not reward_spec_errors(a.reward, asdict(a.rewards)):
@@ -178,6 +182,15 @@ def guard_errors(a: Args) -> list:
                      "probed); name rewards NOT trained on"] * bool(both)
         errors += spec
     return errors
+
+
+def prompt_file_checks(path: str, flag: str, *specs: str) -> list:
+    """The prompt file given with `flag` (data/prompts.py says what is read), then its prompts against what the
+    rewards of `specs` can score (rewards.prompt_errors: the small world's grammar for toy-adherence)."""
+    if errors := prompt_file_errors(path, flag):
+        return errors
+    lines, prompts = zip(*numbered_prompts(path))
+    return [e for spec in specs if spec for e in prompt_errors(spec, list(prompts), f"{flag} {path}", list(lines))]
 
 
 def check_args(a: Args):
@@ -209,14 +222,15 @@ def check_args(a: Args):
     errors += plan_errors(a)
     need(math.isfinite(a.collective_timeout) and a.collective_timeout >= 1, f"--collective-timeout "
          f"{a.collective_timeout}: minutes, >= 1 (it must outlast rank 0's longest lone step: the export)")
+    need(a.device in ("", "cpu", "cuda"), f"--device {a.device}: cuda or cpu (empty: cuda if available; torchrun "
+         "gives each rank its own GPU)")
     need(a.rescore_batch >= 0, f"--rescore-batch {a.rescore_batch}: must be >= 0 (0: all trained steps in one pass)")
     need(not a.step_per_k or a.rescore_batch == 1, "--step-per-k steps the optimizer after every k: it needs "
          "--rescore-batch 1")
     need(not a.model or (Path(a.model) / "model_index.json").is_file(), f"--model {a.model}: not a diffusers model "
          "folder (no model_index.json): give the folder FluxPipeline.save_pretrained writes, e.g. FLUX.1-dev")
     need(not a.model or a.prompts, "--prompts FILE is required with --model (one prompt per line)")
-    if a.prompts:
-        errors += prompt_file_errors(a.prompts)
+    errors += prompt_file_checks(a.prompts, "--prompts", a.reward) if a.prompts else []
     errors += [f"--reward {e}" for e in reward_spec_errors(a.reward, asdict(a.rewards))]
     errors += guard_errors(a) if a.probe_every else []
     if errors:
@@ -328,59 +342,6 @@ def clip_and_step(model, optim, a, device):
     return norm.item(), ok
 
 
-def trained_only(strict=True):
-    """Checkpoints hold the trained parameters and their optimizer state: all of them in full fine-tuning,
-    the adapters under LoRA (the frozen base is the model folder's, so loading does not ask for it; a
-    trained parameter missing from the checkpoint still stops dcp.load)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(ignore_frozen_params=True, strict=strict)
-
-
-def save_checkpoint(out: Path, it: int, model, optim, sampler_state, rank: int):
-    """Sharded DCP checkpoint, written to a temp folder and renamed when every rank is done."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    final, tmp = out / f"ckpt_{it:06d}", out / f"ckpt_{it:06d}.tmp"
-    msd, osd = get_state_dict(model, optim, options=trained_only())
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tmp / f"rng_{rank}.pt")
-    barrier()
-    if rank == 0:
-        (tmp / "state.json").write_text(json.dumps({"iteration": it, "sampler": sampler_state,
-                                                    "world_size": dist.get_world_size()}))
-        os.replace(tmp, final)  # atomic: a folder named ckpt_* is always complete
-    barrier()
-
-
-def load_checkpoint(out: Path, model, optim, rank: int):
-    """(iteration, sampler position) of the newest complete checkpoint in `out`, loaded; (0, None) if none.
-    A newer folder that is not whole (truncated, unfinished) is named and passed over."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    found = trainrun.scan(out)
-    done = [p for p, why in found.items() if not why]
-    for bad, why in found.items():
-        if why and (not done or bad.name > done[-1].name) and rank == 0:
-            print(f"train.py: checkpoint {bad} is not usable ({why}); "
-                  f"{'resuming from ' + str(done[-1]) if done else 'no complete checkpoint: starting at 0'}",
-                  file=sys.stderr, flush=True)
-    if not done:
-        return 0, None
-    msd, osd = get_state_dict(model, optim, options=trained_only())
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(done[-1]))
-    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=trained_only(strict=False))
-    rng = torch.load(done[-1] / f"rng_{rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    meta = json.loads((done[-1] / "state.json").read_text())
-    return meta["iteration"], meta["sampler"]
-
-
 def export_model(path: Path, model, model_dir: Path, rank: int, lora: bool):
     """The trained transformer as a model folder (policy.flux.save_model_folder), or under LoRA the adapter
     in diffusers' LoRA format (policy.lora.save_lora), at `path`."""
@@ -389,9 +350,14 @@ def export_model(path: Path, model, model_dir: Path, rank: int, lora: bool):
     from policy.lora import save_lora
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                               ignore_frozen_params=lora))
+    error = None
     if rank == 0:
-        save_lora(path, sd, model, model_dir) if lora else save_model_folder(path, sd, model.config, model_dir)
-    barrier()
+        try:
+            save_lora(path, sd, model, model_dir) if lora else save_model_folder(path, sd, model.config, model_dir)
+        except Exception as e:  # noqa: BLE001 - one line, and every rank stops with it
+            shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+            error = f"export to {path} failed: {why_not_written(e, path)}"
+    stop_if_any(error, "train.py")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,7 +507,7 @@ def log_record(it, results, As, stats, plan, rewards, finite, costs) -> dict:
             "peak_mem_gb": costs["peak_mem_gb"]}
 
 
-def start_log(a, plan, model, world, device, out, start):
+def start_log(a, plan, model, world, device, out, start, settings):
     """Rank 0: the derived numbers of this run (the mesh as FSDP2 built it, or none: shard_model); args.json (or
     resumes.jsonl) and metrics.jsonl (trainrun)."""
     P, n_trained = world * a.prompts_per_rank, sum(p.numel() for p in trainable(model))
@@ -553,7 +519,7 @@ def start_log(a, plan, model, world, device, out, start):
           f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals:g} in {plan.calls:g} batched "
           f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | trained parameters {n_trained:,}"
           f"{f' (LoRA rank {a.lora_rank})' if a.lora_rank else ''} | {mesh} | device {device}", flush=True)
-    trainrun.start(out, {**asdict(a), "world_size": world}, a.resume, start)
+    trainrun.start(out, settings, a.resume, start)
 
 
 def write_log(rec, out, bar):
@@ -649,6 +615,7 @@ class Run:
     start: int  # first iteration (> 0 when resumed)
     model_dir: Path
     grid: tuple  # (sample-grid prompts, prompts marked in it)
+    settings: dict = None  # args.json: the arguments, the world size, the digests of the model and prompt files
     probe: Probes = None  # the reward-hacking guard's probes (--probe-every)
 
 
@@ -668,7 +635,7 @@ def set_up(a: Args, rank: int, world: int, device) -> Run:
     rewards = load_rewards(a.reward, device=device, **asdict(a.rewards))
     optim = torch.optim.AdamW(trainable(model), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     sampler = PromptSampler(prompts, a.sampler_seed, rank, world, a.prompts_per_rank)
-    start, position = load_checkpoint(out, model, optim, rank) if a.resume else (0, 0)
+    start, position = checkpoints.load(out, model, optim, rank) if a.resume else (0, 0)
     sampler.position = position or 0
     probes = set_up_probes(a, read_prompts(a.probe_prompts) if a.probe_prompts else list(marked), rewards, rank, world,
                            out, start, device) if a.probe_every else None
@@ -678,30 +645,70 @@ def set_up(a: Args, rank: int, world: int, device) -> Run:
     barrier()
     sigmas = sigma_grid(a.T, a.shift).to(device)
     plan = G2RPO(a, sigmas) if a.algo.startswith("g2rpo") else TrajectoryGRPO(a, sigmas)  # chosen once
-    return Run(policy, model, optim, rewards, sampler, plan, start, model_dir, (grid_prompts, marked), probes)
+    return Run(policy, model, optim, rewards, sampler, plan, start, model_dir, (grid_prompts, marked),
+               run_settings(a, world), probes)
 
 
 def checkpoint(r: Run, a: Args, done: int, rank: int, out: Path, is_main: bool) -> bool:
     """A sharded checkpoint after `done` iterations (the oldest beyond --keep-checkpoints pruned) and its sample
     grid; returns whether the grid is finite."""
-    save_checkpoint(out, done, r.model, r.optim, r.sampler.position, rank)
+    checkpoints.save(out, done, r.model, r.optim, r.sampler.position, rank, r.settings)
     if is_main:
         trainrun.prune(out, a.keep_checkpoints)
     return write_samples(r.policy, *r.grid, a, out / f"samples_{done:06d}.png", is_main)
 
 
+def run_settings(a: Args, world: int) -> dict:
+    """What args.json records and a --resume must match (report/trainrun.DEFINING): the arguments, the world size,
+    and digests of what --model and the prompt files hold (the same path with other content is another run)."""
+    from policy.flux import fingerprint_files
+
+    def digest(path):
+        return hashlib.sha256("\n".join(read_prompts(path)).encode()).hexdigest()[:16] if path else ""
+    return {**asdict(a), "world_size": world, "prompts_digest": digest(a.prompts),
+            "probe_prompts_digest": digest(a.probe_prompts),
+            "model_digest": fingerprint_files([Path(a.model) / "transformer"])[:16] if a.model else ""}
+
+
 def check_all(a: Args, is_main: bool):
-    """Every problem with the arguments or the run folder, before any work; printed once, by rank 0."""
+    """Every problem with the arguments, the model folder or the run folder, before any work (nothing is written);
+    printed once, by rank 0."""
     try:
         check_args(a)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if a.replicas < 1 or world % a.replicas:
-            raise SystemExit(f"train.py: --replicas {a.replicas}: must divide the world size {world} (e.g. 2 for "
-                             "2 nodes x 8 GPUs: shard within a node, replicate across nodes)")
-        if errors := trainrun.ownership_errors(Path(a.out), {**asdict(a), "world_size": world}, a.resume, a.overwrite):
+        errors = [] if a.replicas >= 1 and world % a.replicas == 0 else [
+            f"--replicas {a.replicas}: must divide the world size {world} (e.g. 2 for 2 nodes x 8 GPUs: shard within "
+            "a node, replicate across nodes)"]
+        errors += model_errors(a) + folder_errors(a.out, "--out")
+        if not errors:
+            errors += trainrun.ownership_errors(Path(a.out), run_settings(a, world), a.resume, a.overwrite)
+        if errors:
             raise SystemExit("train.py: " + "\n  ".join(errors))
     except SystemExit as e:
+        if not is_main:  # every rank found the same: rank 0 says it, and must not be ended by torchrun first
+            time.sleep(2)
         raise SystemExit(e.code if is_main else 1) from None
+
+
+def model_errors(a: Args) -> list:
+    """The flags that reach diffusers and peft, against the model's own config files (read, not loaded): the image
+    size against the latent grid's multiple, the LoRA targets against the transformer's module names."""
+    from policy.flux import folder_problem, size_multiple, transformer_config
+    from policy.lora import target_errors
+    if a.model and (why := folder_problem(a.model)):
+        return [f"--model {a.model}: {why}"]
+    multiple = size_multiple(a.model) if a.model else 2  # the small world: pixel space, 2x2 patches
+    errors = [f"--{flag} {v}: must be a multiple of {multiple} for this model (2x2 patches of its latent cells), e.g. "
+              f"{max(multiple, v // multiple * multiple)}" for flag, v in (("height", a.height), ("width", a.width))
+              if v % multiple]
+    if a.lora_rank:
+        if a.model:
+            config = transformer_config(a.model)
+        else:
+            import toy
+            config = dict(toy.build(toy.ToyConfig(), seed=0).transformer.config)
+        errors += target_errors(config, a.lora_targets)
+    return errors
 
 
 DIVERGED = ("{} iterations in a row without an update (non-finite rewards, advantages or gradients): the run has "
@@ -755,19 +762,35 @@ def start(a: Args, is_main: bool):
     if a.preflight:
         will_it_fit(a, world, device, is_main)  # before any weight is read
     check_shared(Path(a.out), rank)
-    lock = trainrun.take_lock(Path(a.out), overwrite=a.overwrite) if is_main else None
-    barrier()
+    lock, error = None, None
+    if is_main:  # rank 0 alone takes the lock; every rank stops with its answer
+        try:
+            lock = trainrun.take_lock(Path(a.out), overwrite=a.overwrite)
+            for line in trainrun.tidy(Path(a.out)):  # what an interrupted run left that is not whole
+                print(f"train.py: {line}", file=sys.stderr, flush=True)
+        except SystemExit as e:
+            error = str(e.code).removeprefix("train.py: ")
+        except OSError as e:
+            error = f"--out: {why_not_written(e, a.out)}"
+    stop_if_any(error, "train.py")
     return rank, world, device, lock
 
 
 def main(argv=None):
     a = parse_args(argv)
+    with collectives.peers_stop_quietly("train.py"), file_errors_in_one_line("train.py", a.out):
+        run(a)
+
+
+def run(a: Args):
     is_main, out = os.environ.get("RANK", "0") == "0", Path(a.out)
     rank, world, device, lock = start(a, is_main)  # noqa: F841 - the lock is held until exit
     r = set_up(a, rank, world, device)
     model, optim, plan, meter = r.model, r.optim, r.plan, GatherMeter()
     if is_main:
-        start_log(a, plan, model, world, device, out, r.start)
+        if a.resume and r.start == 0:
+            print(f"train.py: --resume: no whole checkpoint in {out}: starting at iteration 0", file=sys.stderr)
+        start_log(a, plan, model, world, device, out, r.start, r.settings)
         print(probe_cost(a, plan, len(r.probe.prompts), world)) if r.probe else None
     if r.start == 0:
         write_samples(r.policy, *r.grid, a, out / "samples_000000.png", is_main)

@@ -13,7 +13,7 @@ rank filling its own shard; the weights it reads are fake bf16 tensors, FakeWeig
 per block + root, bf16 MixedPrecisionPolicy; at world size 1 under LoRA the plain model), `train.Gathered` +
 `train.sample_prompt` (rollout.singular_rollout, decode, reward), `train.update` (rollout.rescore +
 loss.g2rpo_loss + backward per k), `train.clip_and_step` (AdamW), and the checkpoint's state dict
-(`get_state_dict`, as train.save_checkpoint).
+(`get_state_dict`, as launch.checkpoints.save).
 
 Measured per phase on rank 0 (all ranks are alike):
   memory  torch.distributed._tools.FSDPMemTracker: peak bytes by kind (sharded parameters, gathered
@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from launch import checkpoints  # noqa: E402
 from policy.lora import trainable  # noqa: E402
 aten = torch.ops.aten
 GiB = 2**30
@@ -552,8 +553,8 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
             # lines 24-26: per k (train.update as it is), or one pass; with and without checkpointing
             stats = train_phases(rec, tracker, policy, caller, optim, sampled, A, a, device, full, checkpointing)
 
-            with rec.phase("checkpoint", note="get_state_dict(model, optim) as train.save_checkpoint"):
-                msd, osd = get_state_dict(model, optim, options=train.trained_only())
+            with rec.phase("checkpoint", note="get_state_dict(model, optim) as launch.checkpoints.save"):
+                msd, osd = get_state_dict(model, optim, options=checkpoints.trained_only())
                 ckpt_bytes = sum(_nbytes(t.to_local() if hasattr(t, "to_local") else t)
                                  for t in _tensors((msd, osd)))
     shard = sum(_nbytes(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters())

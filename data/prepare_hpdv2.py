@@ -9,9 +9,9 @@ list of pairwise judgements {"prompt", "human_preference", the two images' paths
 once per judgement; `test.json` (436 kB) is a list of {"prompt", "image_path", "rank", "raw_annotations"},
 one record per prompt. Only "prompt" is read. The images (train.tar.gz, 31.7 GB) are not needed.
 
-Rule, for each file: every record's prompt, normalised to one line (runs of tabs and line breaks -> one
-space, then stripped; a prompt left empty is dropped), exact duplicates of the normalised text removed,
-in order of first appearance. The paper (after DanceGRPO and MixGRPO, whose prompt lists come from this
+Rule, for each file: every record's prompt, normalised to one line (runs of tabs, line breaks and other
+control characters -> one space, then stripped; a prompt left empty is dropped), exact duplicates of the
+normalised text removed, in order of first appearance. The paper (after DanceGRPO and MixGRPO, whose prompt lists come from this
 dataset) counts 103,700 training and 400 test prompts. Test: one record per prompt, so 400 with or
 without the rule (MixGRPO's data/prompts_test.txt: 400 distinct lines). Train: about 645k judgements,
 so only the distinct prompts can give 103,700. Neither count was checked on the real files here; a
@@ -32,12 +32,14 @@ import tempfile
 SPLITS = {"train": "hpdv2_train_prompts.txt", "test": "hpdv2_test_prompts.txt"}  # <split>.json -> output
 PAPER_COUNTS = {"train": 103_700, "test": 400}
 DOWNLOAD = "huggingface-cli download ymhao/HPDv2 train.json test.json --repo-type dataset --local-dir DIR"
-# every character that ends a line for str.splitlines() (what DanceGRPO's reader splits on) or a file read, and tab
-_BREAKS = re.compile(r"[\t\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029]+")
+# every character that ends a line for str.splitlines() (what DanceGRPO's reader splits on) or a file read, tab, every
+# other control character and the byte-order mark: what data/prompts.py refuses inside a prompt
+_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]+")
 
 
 def normalise(prompt: str) -> str:
-    """One line: runs of tabs and line breaks become one space; surrounding whitespace is stripped."""
+    """One line: runs of tabs, line breaks and control characters become one space; surrounding whitespace is
+    stripped."""
     return _BREAKS.sub(" ", prompt).strip()
 
 

@@ -19,7 +19,11 @@ Without a process group (a plain `python evaluate.py`) every function is the wor
     all_gather_objects  [obj of rank 0, ..., obj of rank W-1] on every rank
     gather_objects      the same on rank 0 only (None elsewhere)
     barrier()
+    stop_if_any(error)  every rank stops together when any rank has an error; rank 0 says the first one
+    peers_stop_quietly  a rank whose collective fails because another rank has stopped exits without a
+                        traceback (the rank that stopped said why)
 """
+import contextlib
 import datetime
 import os
 import sys
@@ -126,3 +130,40 @@ def gather_objects(obj) -> list:
 def barrier():
     if world_size() > 1:
         dist.barrier()
+
+
+def stop_if_any(error, who: str):
+    """Every rank calls this at the same point with its own error (a one-line str) or None. If any rank has one,
+    every rank ends with exit status 1, and rank 0 prints the first (a rank alone never stops first: the others
+    would be left waiting in their next collective, or print a traceback when it goes). Under torchrun rank 0
+    prints before any rank exits: torchrun ends the other ranks as soon as one has exited."""
+    errors = [e for e in all_gather_objects(error) if e]
+    if not errors:
+        return
+    if world_size() == 1:
+        raise SystemExit(f"{who}: {errors[0]}")
+    if dist.get_rank() == 0:
+        print(f"{who}: {errors[0]}", file=sys.stderr, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    raise SystemExit(1)
+
+
+# what gloo and the TCP store raise in a rank whose peer is gone (NCCL's ranks wait for torchrun's SIGTERM instead)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+             "failed to recv", "Failed to recv")
+
+
+@contextlib.contextmanager
+def peers_stop_quietly(who: str):
+    """Around a rank's whole run: when another rank stops (a clear error of its own, or a crash), this rank's next
+    collective fails; it then exits with status 1 and no traceback: the rank that stopped has said why (and torchrun's
+    summary names it). Rank 0 adds one line so that its log is not silent. Any other error goes on as it is."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a peer's absence
+        if not any(p in str(e) for p in PEER_GONE):
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        raise SystemExit(f"{who}: rank 0 stops: another rank has stopped (its message, or torchrun's summary, says "
+                         "why)" if rank == 0 else 1) from None

@@ -29,9 +29,7 @@ FSDP2 each rank reads only its own shard), the text encoders through from_pretra
 import gc
 import hashlib
 import json
-import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,16 +95,11 @@ class FluxPolicy:
         transformer is read straight onto `device` in `dtype` (load_transformer), or `transformer` is used as given
         (train.py's: sharded before it was filled)."""
         root = Path(path)
-        hint = (f"expected a local diffusers FLUX folder as FluxPipeline.save_pretrained writes it "
-                f"({LAYOUT}); download black-forest-labs/FLUX.1-dev there, or write the toy model (python -m toy)")
-        if not (root / "model_index.json").is_file():
-            what = "has no model_index.json" if root.is_dir() else "does not exist"
-            raise FileNotFoundError(f"FLUX model folder {root} {what}: {hint}")
+        if why := folder_problem(root):
+            raise FileNotFoundError(f"FLUX model folder {root} {why}; download black-forest-labs/FLUX.1-dev there, "
+                                    "or write the toy model (python -m toy)")
         index = json.loads((root / "model_index.json").read_text())
         has_vae = (index.get("vae") or [None])[0] is not None  # no entry, null or [null, null]
-        for sub in ("transformer",) + ("vae",) * has_vae + ENCODER_PARTS:
-            if not (root / sub).is_dir():
-                raise FileNotFoundError(f"FLUX model folder {root} has no {sub}/ subfolder: {hint}")
         extra = root / "g2rpo.json"
         opts = {**DEFAULTS, **(json.loads(extra.read_text()) if extra.is_file() else {})}
         given = dict(height=height, width=width, max_sequence_length=max_sequence_length, guidance=guidance)
@@ -275,20 +268,21 @@ def fingerprint_files(roots) -> str:
 def save_model_folder(path, state_dict, config, model_dir):
     """Write a model folder at `path`: `model_dir` with its transformer replaced by one of `config` holding
     `state_dict` (diffusers format); the other components are symlinked. FluxPipeline and
-    FluxPolicy.from_pretrained load it. Written beside as path.tmp, then renamed."""
+    FluxPolicy.from_pretrained load it. The same weights and settings give the same bytes (config.json without
+    the `_name_or_path` that from_pretrained records). Written beside as path.tmp, then swapped in
+    (policy/export_folder.py)."""
+    from policy.export_folder import fresh, sort_headers, swap_in
     path, model_dir = Path(path), Path(model_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = fresh(path)
     with torch.device("meta"):
-        plain = FluxTransformer2DModel.from_config(config)
+        plain = FluxTransformer2DModel.from_config({k: v for k, v in config.items() if k != "_name_or_path"})
     plain.load_state_dict(state_dict, assign=True)
     plain.save_pretrained(tmp / "transformer")
+    sort_headers(tmp / "transformer")
     for item in model_dir.iterdir():
         if item.name != "transformer" and not (tmp / item.name).exists():
             (tmp / item.name).symlink_to(item.resolve())
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+    return swap_in(tmp, path)
 
 
 # ---------------------------------------------------------------- the transformer, read a part at a time
@@ -407,3 +401,87 @@ def sample(policy: FluxPolicy, prompts, seeds, T: int = 16, shift: float = 3.0, 
             x = ode_step(x, v(x, sigmas[k].expand(len(ps))), sigmas[k], sigmas[k + 1])
         out.append(policy.decode(x))
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------- the folder, checked from its files alone
+def folder_problem(root) -> str:
+    """'' when `root` is a FLUX folder this module loads, else what is missing from it (read from its files; nothing
+    is loaded): model_index.json, the parts it names, the transformer's config.json and its safetensors weights."""
+    root = Path(root)
+    if not (root / "model_index.json").is_file():
+        return f"{'has no model_index.json' if root.is_dir() else 'does not exist'}: expected a local diffusers " \
+               f"FLUX folder as FluxPipeline.save_pretrained writes it ({LAYOUT})"
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except ValueError as e:
+        return f"model_index.json is not JSON ({e})"
+    has_vae = (index.get("vae") or [None])[0] is not None  # no entry, null or [null, null]
+    for sub in ("transformer",) + ("vae",) * has_vae + ENCODER_PARTS:
+        if not (root / sub).is_dir():
+            return f"has no {sub}/ subfolder: a FLUX folder as FluxPipeline.save_pretrained writes it holds {LAYOUT}"
+    for part in ("transformer",) + ("vae",) * has_vae:
+        if not (root / part / "config.json").is_file():
+            return f"{part}/ has no config.json"
+    if not list((root / "transformer").glob("*.safetensors")):
+        return "transformer/ holds no *.safetensors weights (diffusers' save_pretrained format)"
+    for index in sorted((root / "transformer").glob("*.safetensors.index.json")):  # a sharded transformer
+        try:
+            named = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"transformer/{index.name} is damaged (not a JSON weight_map)"
+        if missing := [f for f in named if not (root / "transformer" / f).is_file()]:
+            return f"transformer/{missing[0]} is missing (transformer/{index.name} names it)"
+    for file in sorted((root / "transformer").glob("*.safetensors")):
+        if why := safetensors_problem(file):
+            return f"transformer/{file.name}: {why}"
+    return ""
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses a longer header
+
+
+def safetensors_problem(path) -> str:
+    """'' when `path` is a whole safetensors file, else what is wrong in a few words ("truncated: 1234 of 5678 bytes",
+    "not a safetensors file"). Only the header is read: its 8-byte length, its JSON, and the end of the last tensor's
+    data, which must be the end of the file (the library refuses a file of another length)."""
+    import struct
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= n <= SAFETENSORS_MAX_HEADER:
+                return f"not a safetensors file ({'empty' if size == 0 else f'{size} bytes, no header'})"
+            if size < 8 + n:
+                return f"truncated: {size} of at least {8 + n} bytes (cut in its header)"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    except ValueError:  # not UTF-8 or not JSON
+        return "not a safetensors file (its header is not JSON)"
+    try:
+        end = max([0] + [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"])
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return "not a safetensors file (its header lists no tensors' data_offsets)"
+    if size < 8 + n + end:
+        return f"truncated: {size} of {8 + n + end} bytes"
+    if size > 8 + n + end:
+        return f"damaged: {size} bytes, its header describes {8 + n + end}"
+    return ""
+
+
+def transformer_config(root) -> dict:
+    return json.loads((Path(root) / "transformer" / "config.json").read_text())
+
+
+def size_multiple(root) -> int:
+    """Height and width must be multiples of this: 2 f (2x2 patches of latent cells of f pixels: 16 with FLUX's VAE,
+    2 in pixel space)."""
+    root = Path(root)
+    index = json.loads((root / "model_index.json").read_text())
+    if (index.get("vae") or [None])[0] is None:
+        return 2
+    return 2 * 2 ** (len(json.loads((root / "vae" / "config.json").read_text())["block_out_channels"]) - 1)

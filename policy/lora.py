@@ -11,8 +11,6 @@ The default targets are those of diffusers' FLUX DreamBooth-LoRA script: the att
 both streams (single blocks included: their attn.to_q/k/v) and the feed-forward layers of the double blocks.
 """
 import json
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,22 +72,21 @@ def is_lora_folder(path) -> bool:
 
 def save_lora(path, state_dict: dict, transformer, base_dir):
     """Write the adapter of `transformer` (its full, unsharded `state_dict`, adapter keys as named in the
-    module) to the folder `path` in diffusers' LoRA format; lora.json names `base_dir`. Written beside as
-    path.tmp, then renamed."""
+    module) to the folder `path` in diffusers' LoRA format; lora.json names `base_dir`. The same adapter and
+    settings give the same bytes. Written beside as path.tmp, then swapped in (policy/export_folder.py)."""
     from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from policy.export_folder import fresh, sort_headers, swap_in
+    tmp = fresh(path)
     layers = get_peft_model_state_dict(transformer, state_dict=state_dict)
     config = transformer.peft_config["default"].to_dict()
-    config["target_modules"] = sorted(config["target_modules"])  # a set in peft: not JSON
+    # peft holds target_modules (and may hold others) as a set: JSON wants a list, one order wants it sorted
+    config = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
     FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
+    sort_headers(tmp)
     (tmp / "lora.json").write_text(json.dumps({"base": str(Path(base_dir).resolve()), "rank": config["r"],
-                                               "alpha": config["lora_alpha"]}))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+                                               "alpha": config["lora_alpha"]}, sort_keys=True))
+    return swap_in(tmp, path)
 
 
 def base_of(path) -> str:
@@ -113,3 +110,19 @@ def trainable(model) -> list:
 def adapter_state(transformer) -> dict:
     """{name: tensor} of the adapter weights only (for tests and comparisons)."""
     return {k: v.detach().clone() for k, v in transformer.state_dict().items() if ".lora_" in k}
+
+
+def target_errors(config: dict, targets) -> list:
+    """--lora-targets names that match no linear layer of the transformer of `config` (built on the meta device:
+    no memory, no weights), one line for all of them, with the names that would."""
+    from diffusers import FluxTransformer2DModel
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return []
+    known = sorted({n.split(".", 2)[-1] if n.startswith(("transformer_blocks", "single_transformer_blocks")) else n
+                    for n in names})
+    return [f"--lora-targets {' '.join(missing)}: no linear layer of the transformer is named so; its layers end in: "
+            f"{', '.join(known[:40])}"]

@@ -8,27 +8,71 @@
     scores.jsonl            at the end: every image with every score known (the part files merged, removed)
     results.json, table.md  the statistics over prompts (report/tables.py)
 
-A rerun of the same command reuses every image on disk and every score in these files; a folder made
-with other settings, prompts or weights is refused.
+A rerun of the same command reuses every image on disk and every score in these files. A folder made with other
+settings, prompts or weights is refused when its evaluation finished (results.json: a result is never replaced
+unasked), and set aside when it did not (a run stopped by a fault, then rerun after a fix): removed when it holds no
+image yet, else moved to <name>.other-<time>/ beside it (its images are kept, but not reused: they are not this
+model's). The hidden temporary files of atomic writes (report/files.py) that a kill leaves are removed.
 """
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 from report.files import write_text
 from report.tables import render_table, summarise_groups
 
 
-def check_manifest(run: Path, manifest: dict):
-    """SystemExit if run/manifest.json exists and differs from `manifest` in settings, images or weights."""
+def check_manifest(run: Path, manifest: dict) -> list:
+    """What the evaluation in `run` differs in from `manifest`: [] when there is none (no manifest.json) or it is
+    this one (a rerun resumes it); else ["settings", "images", "weights"] as they differ (["manifest"]: unreadable),
+    for set_aside. SystemExit (one line, saying how to go on) when it differs and finished. Reads the files only, so
+    every rank gets the same answer."""
     path = run / "manifest.json"
     if not path.is_file():
-        return
-    prev = json.loads(path.read_text())
-    diff = [k for k in ("settings", "images") if prev.get(k) != manifest[k]]
-    diff += ["weights"] * (prev["model"]["fingerprint"] != manifest["model"]["fingerprint"])
-    if diff:
-        raise SystemExit(f"evaluate.py: {run} holds a run with other {' and '.join(diff)}; use another --out "
-                         "or --names (or delete it)")
+        return []
+    try:
+        prev = json.loads(path.read_text())
+        diff = [k for k in ("settings", "images") if prev.get(k) != manifest[k]]
+        diff += ["weights"] * (prev["model"]["fingerprint"] != manifest["model"]["fingerprint"])
+    except (ValueError, KeyError, TypeError, AttributeError):  # edited by hand: no use to a resume
+        diff = ["manifest"]
+    if diff and (run / "results.json").is_file():
+        what = "an unreadable manifest.json" if diff == ["manifest"] else f"other {' and '.join(diff)}"
+        raise SystemExit(f"evaluate.py: {run} holds a finished evaluation with {what}: give this one another name "
+                         f"(--names) or another --out, or delete {run} to replace it")
+    return diff
+
+
+def images(run: Path) -> list:
+    """The images in `run` (not the hidden temporary files of atomic writes)."""
+    return sorted(p for p in (run / "images").glob("*.png") if not p.name.startswith("."))
+
+
+def set_aside(run: Path, diff: list) -> str:
+    """Rank 0: move the unfinished evaluation in `run` of other settings or weights (check_manifest's `diff`) out of
+    the way: removed when it holds no image, else renamed to <name>.other-<time>. Returns the line to print."""
+    what = "an unreadable manifest.json" if diff == ["manifest"] else f"other {' and '.join(diff)}"
+    n = len(images(run))
+    if not n:
+        shutil.rmtree(run)
+        return f"{run}: an unfinished evaluation with {what} and no image yet: removed"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = run.with_name(f"{run.name}.other-{stamp}")
+    for i in range(2, 1000):
+        if not aside.exists():
+            break
+        aside = run.with_name(f"{run.name}.other-{stamp}-{i}")
+    os.replace(run, aside)
+    return f"{run}: an unfinished evaluation with {what} ({n} images): moved to {aside} (delete it when not needed)"
+
+
+def tidy(run: Path):
+    """Rank 0, before the ranks write into `run`: remove the hidden temporary files that killed atomic writes left."""
+    for p in list(run.glob(".*.tmp*")) + list(run.glob("images/.*.tmp*")):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def read_scores(run: Path) -> dict:

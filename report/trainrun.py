@@ -22,13 +22,18 @@ import shutil
 import socket
 from pathlib import Path
 
-RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "reward_curve.png", "final", "final.tmp", "probes.jsonl",
-             "probes", "best", "best.tmp")
-# settings that a --resume must keep: they define the algorithm, the data stream or the numbers
-DEFINING = ("model", "algo", "reward", "prompts", "prompts_per_rank", "G", "T", "eta", "schedule", "shift", "Lambda",
-            "sde_steps", "fine_first", "train_fraction", "window", "window_shift_every", "lr", "weight_decay",
-            "max_grad_norm", "clip_range", "adv_clip", "step_per_k", "seed", "sampler_seed", "mixed_precision",
-            "height", "width", "world_size", "lora_rank", "lora_alpha", "lora_targets")
+from report.files import write_text
+
+RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "reward_curve.png", "final", "final.tmp", "final.old",
+             "probes.jsonl", "probes", "best", "best.tmp", "best.old")
+# settings that a --resume must keep: they define the algorithm, the data stream or the numbers; the digests of the
+# files behind --model and --prompts are among them (the same path with other content is another run)
+DEFINING = ("model", "algo", "reward", "rewards", "prompts", "prompts_per_rank", "G", "T", "eta", "schedule", "shift",
+            "Lambda", "sde_steps", "fine_first", "sde_steps_per_iteration", "lambda_weights", "train_fraction", "window",
+            "window_shift_every", "lr", "weight_decay", "max_grad_norm", "clip_range", "adv_clip", "step_per_k", "seed",
+            "sampler_seed", "mixed_precision", "height", "width", "world_size", "lora_rank", "lora_alpha",
+            "lora_targets", "probe_rewards", "probe_prompts", "probe_seeds", "probe_max_prompts", "model_digest",
+            "prompts_digest", "probe_prompts_digest")
 
 
 def holds_run(out: Path) -> bool:
@@ -36,8 +41,9 @@ def holds_run(out: Path) -> bool:
 
 
 def ownership_errors(out: Path, settings: dict, resume: bool, overwrite: bool) -> list:
-    """Problems with starting into `out` (one line each): a run there needs --resume or --overwrite, and a
-    --resume must keep the DEFINING settings of args.json."""
+    """Problems with starting into `out` (one line each): a run there needs --resume or --overwrite; a --resume
+    must keep the DEFINING settings of the run (args.json, or its newest whole checkpoint's when args.json is
+    damaged) and cannot ask for fewer --iterations than its checkpoint has done."""
     if resume and overwrite:
         return ["--resume and --overwrite contradict each other: choose one"]
     if not out.is_dir() or overwrite:
@@ -45,13 +51,31 @@ def ownership_errors(out: Path, settings: dict, resume: bool, overwrite: bool) -
     if not resume:
         held = holds_run(out)
         return [f"--out {out} holds a run: --resume continues it, --overwrite replaces it, or choose another --out"] * held
-    saved = out / "args.json"
-    if not saved.is_file():
-        return []
-    before = json.loads(saved.read_text())
+    whole = [p for p, why in scan(out).items() if not why]
+    state = json.loads((whole[-1] / "state.json").read_text()) if whole else {}
+    errors = []
+    if state.get("iteration", 0) > settings.get("iterations", float("inf")):
+        errors.append(f"--iterations {settings['iterations']}: the run in {out} has done {state['iteration']} already "
+                      f"({whole[-1].name}): give --iterations {state['iteration']} or more, or start a new --out")
+    before = read_json(out / "args.json") or state.get("settings") or {}
     changed = [k for k in DEFINING if k in before and _same(before[k]) != _same(settings.get(k))]
-    return [f"--resume with other settings than the run in {out}: " + ", ".join(
-        f"{k} {before[k]!r} -> {settings.get(k)!r}" for k in changed) + " (start a new --out instead)"] if changed else []
+    if changed:
+        errors.append(f"--resume with other settings than the run in {out}: " + ", ".join(
+            f"{k} {_short(before[k])} -> {_short(settings.get(k))}" for k in changed) + " (start a new --out instead)")
+    return errors
+
+
+def read_json(path: Path):
+    """The JSON in `path`, or None when it is missing or damaged (cut short by a kill, edited by hand)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _same(v):
@@ -59,17 +83,31 @@ def _same(v):
 
 
 def start(out: Path, settings: dict, resume: bool, iteration: int):
-    """args.json for a new run; for a --resume, a line of resumes.jsonl instead (the run keeps its own
-    record); metrics.jsonl cut back to what the checkpoint continued from has seen."""
-    if (out / "args.json").exists() and resume:
+    """args.json for a new run (or in place of a damaged one); for a --resume, a line of resumes.jsonl instead (the run
+    keeps its own record); metrics.jsonl and probes.jsonl cut back to what the checkpoint continued from has seen (a
+    line cut short by a kill is dropped)."""
+    if resume and read_json(out / "args.json") is not None:
         with open(out / "resumes.jsonl", "a") as f:
             f.write(json.dumps({"iteration": iteration, "args": settings}) + "\n")
     else:
-        (out / "args.json").write_text(json.dumps(settings, indent=1))
+        write_text(out / "args.json", json.dumps(settings, indent=1))
     for log in (out / "metrics.jsonl", out / "probes.jsonl"):
         if log.exists():
-            keep = [line for line in log.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
-            log.write_text("".join(line + "\n" for line in keep))
+            keep = [json.dumps(r) for r in records(log) if r["iteration"] <= iteration]
+            write_text(log, "".join(line + "\n" for line in keep))
+
+
+def records(log: Path) -> list:
+    """The whole records of a .jsonl log (a line cut short by a kill, or not a record, is left out)."""
+    recs = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("iteration"), int):
+            recs.append(rec)
+    return recs
 
 
 def append(out: Path, record: dict):
@@ -88,9 +126,7 @@ def append_probe(out: Path, record: dict):
 
 def probes(out: Path, upto: int) -> list:
     """The probes.jsonl records up to iteration `upto` (a --resume replays them into the guard)."""
-    log = Path(out) / "probes.jsonl"
-    recs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    return [r for r in recs if r["iteration"] <= upto]
+    return [r for r in records(Path(out) / "probes.jsonl") if r["iteration"] <= upto]
 
 
 def take_lock(out: Path, overwrite: bool = False):
@@ -178,18 +214,22 @@ def scan(out: Path) -> dict:
 
 
 def problems(ckpt: Path) -> str:
-    """'' when the checkpoint folder is whole, else what is wrong: a .tmp folder (interrupted), no state.json,
-    unreadable DCP metadata, a file shorter than the metadata says (truncated), a missing rng file."""
+    """'' when the checkpoint folder is whole, else what is wrong. Every file a resume reads is verified: the
+    folder is not a .tmp (interrupted); state.json is a record of this iteration; the DCP metadata reads; every
+    data file is as long as the metadata says; every rank's RNG state loads and holds every generator."""
     if ckpt.name.endswith(".tmp"):
         return "unfinished (.tmp)"
     if not (ckpt / "state.json").is_file():
         return "no state.json"
+    state = read_json(ckpt / "state.json")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("iteration", "world_size")) \
+            or f"ckpt_{state['iteration']:06d}" != ckpt.name:
+        return "state.json is damaged"
     try:
         from torch.distributed.checkpoint import FileSystemReader
         meta = FileSystemReader(str(ckpt)).read_metadata()
-        state = json.loads((ckpt / "state.json").read_text())
     except Exception as e:  # noqa: BLE001 - any unreadable metadata makes the folder unusable
-        return f"unreadable metadata ({type(e).__name__}: {e})"
+        return f"unreadable metadata ({type(e).__name__}: {str(e)[:100]})"
     need = {}
     for info in meta.storage_data.values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
@@ -197,16 +237,54 @@ def problems(ckpt: Path) -> str:
         have = (ckpt / name).stat().st_size if (ckpt / name).is_file() else -1
         if have < size:
             return f"{name} is {'missing' if have < 0 else f'truncated ({have} of {size} bytes)'}"
-    for r in range(state.get("world_size", 1)):
-        if not (ckpt / f"rng_{r}.pt").is_file():
-            return f"rng_{r}.pt is missing"
+    for r in range(state["world_size"]):
+        if why := rng_problem(ckpt / f"rng_{r}.pt"):
+            return why
     return ""
 
 
+RNG_KEYS = ("torch", "numpy", "python", "cuda")
+
+
+def rng_problem(path: Path) -> str:
+    """'' when `path` holds a rank's generator states (launch/checkpoints.py writes them), else what is wrong."""
+    import torch
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        rng = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a damaged pickle can raise almost anything
+        return f"{path.name} is damaged ({type(e).__name__})"
+    missing = [k for k in RNG_KEYS if not isinstance(rng, dict) or k not in rng]
+    return f"{path.name} is damaged (no {', '.join(missing)} state)" if missing else ""
+
+
 def prune(out: Path, keep: int):
-    """Delete all but the newest `keep` whole checkpoints, and any broken one older than the newest whole one."""
+    """Delete all but the newest `keep` whole checkpoints, and every broken one."""
     found = scan(out)
     whole = [p for p, why in found.items() if not why]
-    for path in found:
-        if whole and path.name < whole[-1].name and path not in whole[-keep:]:
+    for path, why in found.items():
+        if why or path not in whole[-keep:]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+LEFTOVERS = ("final.tmp", "final.old", "best.tmp", "best.old")  # policy/export_folder.py's unfinished exports
+
+
+def tidy(out: Path) -> list:
+    """Rank 0, holding the lock, before a run starts in `out`: remove what an interrupted run left that is not whole -
+    unfinished or damaged checkpoints, unfinished exports (final.tmp, best.tmp), atomic writes' hidden temporary
+    files - so that nothing is reused as if whole and nothing is in the way of the new writes. Returns one line per
+    thing removed (printed once)."""
+    said = []
+    for path, why in scan(out).items():
+        if why:
+            said.append(f"{path.name}: {why}: removed (a resume continues from the newest whole checkpoint)")
+            shutil.rmtree(path, ignore_errors=True)
+    for path in [out / n for n in LEFTOVERS] + [p for p in out.rglob(".*.tmp*") if p.is_file()]:
+        if path.is_dir():
+            said.append(f"{path.name}: an export cut short: removed")
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+    return said

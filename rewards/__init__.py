@@ -11,7 +11,9 @@ object per name: the advantages are normalised per reward and then summed (Eq. 1
 REWARDS says, per name, the title of its table column, its display scale, the options it takes (an
 option is a command-line flag without '--'; RewardOptions holds those of the command line, with
 their help), which of them it needs and where its files come from; `needs` checks given options
-against it. Names starting with 'toy' are the small world's rule-based rewards (toy/rewards.py).
+against it. Names starting with 'toy' are the small world's rule-based rewards (toy/rewards.py). A reward that can
+score only some prompts has a rule (Spec.rule: toy-adherence parses the small world's grammar), and
+`prompt_errors` checks a prompt list against the rewards of a spec before any work.
 ImageReward, UnifiedReward and the toy world are imported only when one of their rewards is loaded.
 """
 import importlib
@@ -38,6 +40,8 @@ class Spec:
     files: tuple = ()  # options naming a file or folder: one given but absent is an error
     origin: str = ""  # where the files come from
     scale: float = 1.0  # tables show scores * scale
+    rule: Callable = None  # rule(prompt) raises ValueError for a prompt the reward cannot score (None: any prompt)
+    takes: str = ""  # the prompts it scores, for the message of prompt_errors
 
 
 REWARDS = {  # in the order of Table 1's columns
@@ -86,13 +90,18 @@ class RewardOptions:
     unifiedreward_workers: int = 8  # concurrent requests per rank (local: images per generate call)
 
 
+TOY_PROMPTED = ("toy-adherence",)  # the toy rewards that parse their prompts (toy/rewards.py); the others ignore them
+TOY_TAKES = "the small world's prompts 'a <colour> <shape> <place>' (toy/world.py), e.g. 'a red circle on the left'"
+
+
 def lookup(name: str) -> Spec:
     """The Spec of reward `name`; a 'toy-...' name imports the small world's rewards (ValueError if unknown)."""
     if name.startswith("toy"):
         toy = importlib.import_module("toy.rewards")
         if name not in toy.TOY_REWARDS:
             raise ValueError(f"unknown toy reward {name!r}; valid: {sorted(toy.TOY_REWARDS)}")
-        return Spec(name, lambda **_: toy.TOY_REWARDS[name](), {})
+        rule = {"rule": toy.parse, "takes": TOY_TAKES} if name in TOY_PROMPTED else {}
+        return Spec(name, lambda **_: toy.TOY_REWARDS[name](), {}, **rule)
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; valid: {sorted(REWARDS)} or a 'toy-...' name (toy/rewards.py)")
     return REWARDS[name]
@@ -135,6 +144,37 @@ def reward_spec_errors(spec: str, options: dict) -> list:
         except (ValueError, FileNotFoundError) as e:
             errors.append(str(e))
     return errors
+
+
+def prompt_errors(spec: str, prompts: list, source: str = "--prompts", lines: list = None) -> list:
+    """One line per reward of `spec` ('toy-adherence+toy-clean') that cannot score some of `prompts` (it would
+    raise mid-run), found before any work: how many, the first one (lines[i], its line in the file, else its
+    position), what the reward scores. Each line starts with `source`, e.g. '--prompts p.txt'. Only rewards
+    with a rule refuse prompts (today the small world's toy-adherence); an invalid spec gives [] (see
+    reward_spec_errors). Nothing is loaded."""
+    from data.prompts import short
+    try:
+        specs = [(name, lookup(name)) for name in spec_names(spec)]
+    except ValueError:
+        return []
+    errors = []
+    for name, entry in specs:
+        refused = [i for i, p in enumerate(prompts) if entry.rule and not _follows(entry.rule, p)]
+        if refused:
+            i = refused[0]
+            errors.append(f"{source}: {len(refused):,} of {len(prompts):,} prompts are not what {name} scores, "
+                          f"{entry.takes}; the first, {f'line {lines[i]}' if lines else f'prompt {i + 1}'}: "
+                          f"{short(prompts[i])}")
+    return errors
+
+
+def _follows(rule: Callable, prompt: str) -> bool:
+    """Whether `rule` takes `prompt` (rule raises ValueError for one it refuses)."""
+    try:
+        rule(prompt)
+    except ValueError:
+        return False
+    return True
 
 
 def load_rewards(spec: str, device="cpu", dtype=None, **options) -> list:

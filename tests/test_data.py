@@ -50,7 +50,7 @@ def test_checkpoint_problems_are_found_from_the_files(tmp_path, damage, why):
     ckpt = tmp_path / ("ckpt_000002.tmp" if damage == "tmp" else "ckpt_000002")
     dcp.save({"w": torch.arange(10.0)}, checkpoint_id=str(ckpt), no_dist=True)
     for r in range(2):
-        torch.save({}, ckpt / f"rng_{r}.pt")
+        torch.save({"torch": torch.get_rng_state(), "numpy": None, "python": None, "cuda": None}, ckpt / f"rng_{r}.pt")
     (ckpt / "state.json").write_text(json.dumps({"iteration": 2, "sampler": 4, "world_size": 2}))
     if damage == "state":
         (ckpt / "state.json").unlink()

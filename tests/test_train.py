@@ -212,7 +212,8 @@ def test_flags_of_other_algorithms_are_not_checked():
 
 
 @pytest.mark.parametrize("content,msg", [(b"", "holds no prompt"), (b"  \n\n \t\n", "holds no prompt"),
-                                         (b"\xff\xfe\x00\x81binary", "not a UTF-8 text file")])
+                                         (b"caf\xe9 au lait\n", "not a UTF-8 text file"),
+                                         (b"a photo of a cat\n", "1 of 1 prompts are not what toy-adherence scores")])
 def test_bad_prompt_files_are_named(tmp_path, content, msg):
     f = tmp_path / "prompts.txt"
     f.write_bytes(content)
