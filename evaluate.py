@@ -42,7 +42,7 @@ import tyro
 from data.prompts import encoding_share, prompt_file_errors, read_prompts
 from launch import collectives
 from launch.shared_folder import check_shared
-from policy.flux import FluxPolicy, fingerprint_files, folder_problem, safetensors_problem, sample
+from policy.flux import FluxPolicy, fingerprint_files, folder_problem, safetensors_problem, sample, size_multiple
 from policy.lora import WEIGHTS as LORA_WEIGHTS, add_lora, base_of, is_lora_folder, load_lora
 from report import runs
 from report.files import file_errors_in_one_line, folder_errors, load_png, save_png, write_text
@@ -391,8 +391,6 @@ def make_context(a: Args, toy_world: bool, rank: int, world: int, device) -> Con
     toy_prompts = toy_world and not a.prompts
     a = replace(a, per_prompt=a.per_prompt or (4 if toy_prompts else 1),
                 batch_size=a.batch_size or (16 if toy_prompts else 4))
-    if a.steps < 1 or a.per_prompt < 1 or a.batch_size < 1:
-        raise SystemExit("evaluate.py: --steps, --per-prompt and --batch-size must be >= 1")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     names = [m.strip() for m in a.metrics.split(",") if m.strip()]
     if not names and toy_world:
@@ -415,15 +413,37 @@ def make_context(a: Args, toy_world: bool, rank: int, world: int, device) -> Con
                    {}, options, settings, rank, world, device, dtype)
 
 
+def arg_errors(a: Args) -> list:
+    """The flags that reach torch and diffusers, checked before any work (the sizes against each model: size_errors)."""
+    errors = [f"--{k.replace('_', '-')} {v}: must be >= {low}" for k, v, low in (
+        ("steps", a.steps, 1), ("per_prompt", a.per_prompt, 0), ("batch_size", a.batch_size, 0),
+        ("height", a.height, 0), ("width", a.width, 0), ("grid_prompts", a.grid_prompts, 0)) if v < low]
+    errors += [f"--dtype {a.dtype}: bf16 or fp32 (empty: bf16 on cuda, fp32 on cpu)"] * (a.dtype not in ("", "bf16", "fp32"))
+    errors += [f"--device {a.device}: cuda or cpu (empty: cuda if available)"] * (a.device not in ("", "cpu", "cuda"))
+    errors += [f"--shift {a.shift}: must be a finite number > 0"] * (not (math.isfinite(a.shift) and a.shift > 0))
+    errors += [f"--guidance {a.guidance}: must be a finite number"] * (not math.isfinite(a.guidance))
+    errors += [f"--collective-timeout {a.collective_timeout}: minutes, >= 1"] * (
+        not (math.isfinite(a.collective_timeout) and a.collective_timeout >= 1))
+    return errors
+
+
+def size_errors(a: Args, refs: list):
+    """--height / --width against each model's latent multiple (policy.flux.size_multiple: 16 for FLUX); None if fine."""
+    for ref in refs:
+        m = size_multiple(ref.folder)
+        for flag, v in (("height", a.height), ("width", a.width)):
+            if v % m:
+                return f"--{flag} {v}: must be a multiple of {m} for {ref.name} (2x2 patches of its latent cells)"
+    return None
+
+
 def main(argv=None):
     a = tyro.cli(Args, args=argv)
-    if errors := folder_errors(a.out, "--out"):  # before the process group: every rank stops, rank 0 says it
+    if errors := folder_errors(a.out, "--out") + arg_errors(a):  # before the process group: rank 0 says it
         raise SystemExit(f"{WHO}: {errors[0]}" if int(os.environ.get("RANK", "0")) == 0 else 1)
     if a.compare:
         with file_errors_in_one_line(WHO, a.out):
             return compare(a.compare, Path(a.out), a.grid_prompts)
-    if not (math.isfinite(a.collective_timeout) and a.collective_timeout >= 1):
-        raise SystemExit(f"evaluate.py: --collective-timeout {a.collective_timeout}: minutes, >= 1")
     rank, world, device = collectives.init(a.device, a.collective_timeout, WHO, group_of_one=False)
     threads = torch.get_num_threads()
     try:
@@ -441,6 +461,7 @@ def evaluate_all(a: Args, rank: int, world: int, device) -> list:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     refs = resolve_models(a, rank, world)
+    collectives.stop_if_any(size_errors(a, refs), WHO)
     toy_world = all(r.toy for r in refs)
     ctx, error = one_line(make_context, a, toy_world, rank, world, device)  # prompts, metrics, settings
     collectives.stop_if_any(error, WHO)

@@ -680,6 +680,9 @@ def check_all(a: Args, is_main: bool):
             f"--replicas {a.replicas}: must divide the world size {world} (e.g. 2 for 2 nodes x 8 GPUs: shard within "
             "a node, replicate across nodes)"]
         errors += model_errors(a) + folder_errors(a.out, "--out")
+        if a.model and Path(a.model).resolve() in (Path(a.out).resolve(), *Path(a.out).resolve().parents):
+            errors.append(f"--out {a.out} is inside --model {a.model}: the run would write into the model folder; give "
+                          "another --out")
         if not errors:
             errors += trainrun.ownership_errors(Path(a.out), run_settings(a, world), a.resume, a.overwrite)
         if errors:

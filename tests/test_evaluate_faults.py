@@ -194,3 +194,14 @@ def test_a_non_finite_sample_on_one_rank_stops_both(tiny_model, tmp_path):
     assert rank[1].strip() == "", rank[1][-3000:]  # quiet: exit status 1, nothing printed
     assert sorted(p.name for p in (tmp_path / "eval" / "model" / "images").glob("*.png")) == \
         ["00000_00.png", "00001_00.png", "00002_00.png"]
+
+
+@pytest.mark.parametrize("more,says", [(["--dtype", "fp16"], "--dtype fp16: bf16 or fp32"),
+                                       (["--device", "tpu"], "--device tpu: cuda or cpu"),
+                                       (["--shift", "0"], "--shift 0.0: must be a finite number > 0"),
+                                       (["--height", "17"], "--height 17: must be a multiple of 2 for")])
+def test_flags_a_library_would_refuse_are_one_line_before_any_work(tiny_model, tmp_path, more, says):
+    model, prompts = tiny_model
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        evaluate.main(argv(model, prompts, tmp_path / "eval", *more))
+    assert not (tmp_path / "eval" / model.name).exists()  # no run folder started

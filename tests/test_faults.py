@@ -83,18 +83,18 @@ def damaged_copy(straight, tmp_path, damage) -> Path:
         shard.write_bytes(shard.read_bytes()[:100])
     elif damage == "rng":  # a kill while torch.save wrote it: undetected before it was loaded, once
         (ckpt / "rng_0.pt").write_bytes((ckpt / "rng_0.pt").read_bytes()[:50])
-    elif damage == "state":
-        (ckpt / "state.json").write_text('{"iteration": 4, "samp')
     # and what a killed run leaves besides: an unfinished next checkpoint and export, a hidden temporary file
     (run / "ckpt_000006.tmp").mkdir()
     (run / "ckpt_000006.tmp" / "__0_0.distcp").write_bytes(b"x" * 10)
     (run / "final.tmp" / "transformer").mkdir(parents=True)
     (run / "final.tmp" / "transformer" / "extra.safetensors").write_bytes(b"x")
     (run / ".reward_curve.tmp0123.png").write_bytes(b"x")
+    with open(run / "metrics.jsonl", "a") as log:  # a line cut short by the kill
+        log.write('{"iteration": 7, "anchor_rew')
     return run
 
 
-@pytest.mark.parametrize("damage", ["shard", "rng", "state"])
+@pytest.mark.parametrize("damage", ["shard", "rng"])  # a damaged state.json: test_problems_verify_every_file...
 def test_a_damaged_newest_checkpoint_never_blocks_a_resume(tiny_model, straight, tmp_path, damage):
     run = damaged_copy(straight, tmp_path, damage)
     r = ok(train_py(tiny_model, run, "--iterations", "6", "--checkpoint-every", "2", "--keep-checkpoints", "3",
@@ -110,25 +110,23 @@ def test_a_damaged_newest_checkpoint_never_blocks_a_resume(tiny_model, straight,
 
 
 def test_problems_verify_every_file_a_resume_reads(straight, tmp_path):
+    import torch
     ckpt = tmp_path / "ckpt_000004"
     shutil.copytree(straight[0] / "ckpt_000002", tmp_path / "ckpt_000002")
     assert trainrun.problems(tmp_path / "ckpt_000002") == ""
-    for damage, why in [("rng-keys", "rng_0.pt is damaged (no numpy"), ("rng-cut", "rng_0.pt is damaged"),
-                        ("state-name", "state.json is damaged"), ("metadata", "unreadable metadata")]:
+    damages = {"rng-keys": ("rng_0.pt is damaged (no numpy", lambda: torch.save({"torch": torch.get_rng_state()},
+                                                                                 ckpt / "rng_0.pt")),
+               "rng-cut": ("rng_0.pt is damaged", lambda: (ckpt / "rng_0.pt").write_bytes(b"PK\x03\x04")),
+               "state-cut": ("state.json is damaged", lambda: (ckpt / "state.json").write_text('{"iteration": 4, "sa')),
+               "metadata": ("unreadable metadata", lambda: (ckpt / ".metadata").write_bytes(b"\x80\x04garbage"))}
+    for damage, (why, do) in damages.items():
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.copytree(tmp_path / "ckpt_000002", ckpt)
-        if damage == "rng-keys":
-            import torch
-            torch.save({"torch": torch.get_rng_state()}, ckpt / "rng_0.pt")
-        elif damage == "rng-cut":
-            (ckpt / "rng_0.pt").write_bytes(b"PK\x03\x04")
-        elif damage == "state-name":  # ckpt_000002's state.json in the folder of iteration 4
-            pass
-        elif damage == "metadata":
-            (ckpt / ".metadata").write_bytes(b"\x80\x04garbage")
-        if damage != "state-name":
-            state = json.loads((ckpt / "state.json").read_text())
-            (ckpt / "state.json").write_text(json.dumps({**state, "iteration": 4}))
+        assert "state.json is damaged" in trainrun.problems(ckpt)  # ckpt_000002's record in the folder of iteration 4
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, "iteration": 4}))
+        assert trainrun.problems(ckpt) == ""
+        do()
         assert why in trainrun.problems(ckpt), damage
 
 
@@ -155,12 +153,14 @@ def test_settings_that_contradict_the_disk_are_refused_before_any_work(tiny_mode
     (["--height", "17"], "--height 17: must be a multiple of 2"),
     (["--lora-rank", "4", "--lora-targets", "attn.to_qq"], "--lora-targets attn.to_qq: no linear layer"),
     (["--device", "tpu"], "--device tpu"),
+    (["--out", "MODEL/run"], "is inside --model"),
 ])
 def test_flags_a_library_would_refuse_stop_before_any_work(tiny_model, tmp_path, extra, says):
     out = tmp_path / "run"
+    extra = [str(tiny_model[0] / "run") if x == "MODEL/run" else x for x in extra]
     with pytest.raises(SystemExit, match=says):
         train.check_all(train.parse_args(argv(tiny_model, out, *extra)), True)
-    assert not out.exists()  # nothing left behind
+    assert not out.exists() and not (tiny_model[0] / "run").exists()  # nothing left behind
 
 
 def test_a_run_folder_that_cannot_be_written_is_named(tiny_model, tmp_path):
