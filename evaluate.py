@@ -139,7 +139,7 @@ def resolve_model(spec: str, base: str = "") -> ModelRef:
 def checkpoint_problem(ckpt: Path) -> str:
     """'' when the train.py checkpoint folder `ckpt` can be read for evaluation (its .metadata reads and every data file
     is as long as the metadata says), else what is wrong, naming the file. The generator states and state.json that
-    a --resume also needs (report/trainrun.problems) evaluation does not read."""
+    a --resume also needs (launch/run_folder.problems) evaluation does not read."""
     from torch.distributed.checkpoint import FileSystemReader
     try:
         meta = FileSystemReader(str(ckpt)).read_metadata()

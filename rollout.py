@@ -35,6 +35,7 @@ Training needs two more steps, both here so that this file holds the whole algor
 v(x, t) is any velocity function: x (B, ...), t (B,) -> (B, ...). Conditioning is closed over.
 """
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -86,6 +87,27 @@ class Rollout:
     groups: list = field(default_factory=list)  # one Group per k in M
     calls: int = 0  # batched calls of v
     evals: int = 0  # per-sample evaluations (sum of batch sizes)
+
+
+class Plan(Protocol):
+    """What train.py needs of a sampling plan: one prompt's rollout (Algorithm 1, lines 6-20), which of its steps
+    are trained (lines 24-26), what to score, and what it costs. G2RPO's plan is train.G2RPO (singular_rollout at
+    every k in M); the trajectory-level baselines' is baselines.grpo.TrajectoryGRPO. A plan is built from the
+    settings it uses, and is the same object for the whole run."""
+
+    Lambda: tuple  # the granularities whose rewards are logged per image set ((1,) for a trajectory baseline)
+    calls: float  # batched model calls of one prompt's rollout (expected, when steps are drawn at random)
+    evals: float  # model evaluations (rows through the transformer) of one prompt's rollout (expected)
+    images_per_prompt: int  # images decoded and scored per prompt
+    train_passes: str  # the update's forward/backward passes per prompt, in words (the start-up line)
+
+    def rollout(self, v, x_T, it: int, generator) -> "Rollout":
+        """One prompt's rollout from its x_T (1, ...) under the velocity v(x, t), at iteration `it`, drawing its noise
+        from `generator`; its groups are the steps to train, each holding x_k, the G next states, their log-probs."""
+
+    def images(self, ro: "Rollout") -> torch.Tensor:
+        """The final latents to decode and score, (|Lambda|, K, G, ...): K = the trained steps, or 1 when every
+        trained step shares the same G images."""
 
 
 @torch.no_grad()

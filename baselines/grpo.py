@@ -71,22 +71,22 @@ def trajectory_rollout(v, x_T, sigmas, G, sde_steps, eta=0.7, schedule="flowgrpo
 
 
 class TrajectoryGRPO:
-    """A baseline's sampling and training plan, with train.py's plan interface: rollout() gives a
-    Rollout whose groups are this iteration's trained steps, images() what to score, and the counts."""
+    """A baseline's sampling plan (rollout.Plan): rollout() gives a Rollout whose groups are this iteration's trained
+    steps (step_plan), images() the G final images, scored once for every trained step."""
 
-    def __init__(self, a, sigmas):
-        self.a, self.sigmas, self.T = a, sigmas, len(sigmas) - 1
+    def __init__(self, algo: str, sigmas, G: int, eta: float, schedule: str, train_fraction: float = 0.6,
+                 window: int = 4, window_shift_every: int = 25):
+        self.algo, self.sigmas, self.T, self.G, self.eta, self.schedule = algo, sigmas, len(sigmas) - 1, G, eta, schedule
+        self.train_fraction, self.window, self.window_shift_every = train_fraction, window, window_shift_every
         self.Lambda = (1,)
-        self.calls, self.evals = self.T, self.T * (a.G + 1)  # per prompt: T batched calls of G + 1
-        n_trained = {"flowgrpo": self.T, "dancegrpo": max(1, round(a.train_fraction * self.T)),
-                     "mixgrpo": a.window}[a.algo]
-        self.images_per_prompt, self.train_passes = a.G, f"{n_trained} forward/backward of batch {a.G}"
+        self.calls, self.evals = self.T, self.T * (G + 1)  # per prompt: T batched calls of G + 1
+        n_trained = {"flowgrpo": self.T, "dancegrpo": max(1, round(train_fraction * self.T)), "mixgrpo": window}[algo]
+        self.images_per_prompt, self.train_passes = G, f"{n_trained} forward/backward of batch {G}"
 
     def rollout(self, v, x_T, it: int, generator) -> Rollout:
-        a = self.a
-        sde_steps, trained = step_plan(a.algo, it, self.T, generator, a.train_fraction, a.window,
-                                       a.window_shift_every)
-        ro = trajectory_rollout(v, x_T, self.sigmas, a.G, sde_steps, a.eta, a.schedule, generator=generator)
+        sde_steps, trained = step_plan(self.algo, it, self.T, generator, self.train_fraction, self.window,
+                                       self.window_shift_every)
+        ro = trajectory_rollout(v, x_T, self.sigmas, self.G, sde_steps, self.eta, self.schedule, generator=generator)
         ro.groups = [g for g in ro.groups if g.k in trained]
         return ro
 

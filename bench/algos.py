@@ -61,10 +61,11 @@ def cost_per_prompt(algo: str, extra) -> int:
     """Rollout model evaluations per prompt and iteration that the ALGORITHM needs (see top), for
     the arguments train.py gives the run (toy preset + the algorithm's preset + extra)."""
     import train
+    from launch import arguments
     from rollout import predicted_evaluations
     a = train.parse_args(["--algo", algo] + list(extra))
-    train.check_args(a)
-    return predicted_evaluations(a.T, train.sde_steps(a), a.G, a.Lambda, a.fine_first)[1] \
+    arguments.check_args(a)
+    return predicted_evaluations(a.T, arguments.sde_steps(a), a.G, a.Lambda, a.fine_first)[1] \
         if algo.startswith("g2rpo") else a.T * a.G
 
 

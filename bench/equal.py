@@ -49,10 +49,11 @@ def cost(flags) -> float:
     """Rollout model evaluations per prompt and iteration that the algorithm needs (expected, for a random
     subset of M): G2RPO's closed form with its anchor; a baseline's T G (its logged anchor is not counted)."""
     import train
+    from launch import arguments
     from sde import sigma_grid
     a = train.parse_args(list(flags))
-    train.check_args(a)
-    return train.G2RPO(a, sigma_grid(a.T, a.shift)).evals if a.algo.startswith("g2rpo") else a.T * a.G
+    arguments.check_args(a)
+    return train.make_plan(a, sigma_grid(a.T, a.shift)).evals if a.algo.startswith("g2rpo") else a.T * a.G
 
 
 def budget(flags) -> int:

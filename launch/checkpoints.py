@@ -5,7 +5,7 @@
                       state.json               iteration, prompt-sampler position, world size, the run's settings
 
 A checkpoint is written as ckpt_NNNNNN.tmp and renamed by rank 0 only when every rank's files are written: a folder
-named ckpt_NNNNNN is whole, and report/trainrun.problems verifies every file a resume reads before it is trusted.
+named ckpt_NNNNNN is whole, and report/run_folder.problems verifies every file a resume reads before it is trusted.
 A write that fails (a full disk, a read-only mount) stops every rank together with one line naming the cause; the
 unfinished folder is removed and the previous whole checkpoint stays the one to --resume from.
 """
@@ -21,7 +21,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from launch.collectives import all_gather_objects, barrier, stop_if_any
-from report import trainrun
+from launch import run_folder
 from report.files import why_not_written
 
 
@@ -65,7 +65,7 @@ def save(out: Path, it: int, model, optim, sampler_state, rank: int, settings: d
     errors = [e for e in all_gather_objects(error) if e]
     if rank == 0 and not errors:
         try:
-            defining = {k: settings[k] for k in trainrun.DEFINING if k in settings}  # not --resume, --out, ...
+            defining = {k: settings[k] for k in run_folder.DEFINING if k in settings}  # not --resume, --out, ...
             (tmp / "state.json").write_text(json.dumps({"iteration": it, "sampler": sampler_state, "world_size":
                                                         settings["world_size"], "settings": defining}, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -74,7 +74,7 @@ def save(out: Path, it: int, model, optim, sampler_state, rank: int, settings: d
             errors = [why_not_written(e, tmp)]
     if rank == 0 and errors:
         shutil.rmtree(tmp, ignore_errors=True)
-        whole = [p.name for p, why in trainrun.scan(out).items() if not why]
+        whole = [p.name for p, why in run_folder.scan(out).items() if not why]
         errors = [f"checkpoint {final.name} not written: {errors[0]}; " + (
             f"the newest whole checkpoint is {whole[-1]}: make room, then --resume" if whole else
             "no whole checkpoint yet: make room, then start again")]
@@ -83,10 +83,10 @@ def save(out: Path, it: int, model, optim, sampler_state, rank: int, settings: d
 
 def load(out: Path, model, optim, rank: int):
     """(iteration, sampler position) of the newest whole checkpoint in `out`, loaded into `model`, `optim` and this
-    rank's generators; (0, None) if there is none. Damaged ones were removed before (report/trainrun.tidy)."""
+    rank's generators; (0, None) if there is none. Damaged ones were removed before (report/run_folder.tidy)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    whole = [p for p, why in trainrun.scan(out).items() if not why]
+    whole = [p for p, why in run_folder.scan(out).items() if not why]
     if not whole:
         return 0, None
     msd, osd = get_state_dict(model, optim, options=trained_only())

@@ -34,7 +34,9 @@ at most), a simulation at FLUX.1-dev's width with 2 + 3 blocks, and FSDPMemTrack
 config. They are for bf16 compute (FSDP2's MixedPrecisionPolicy); fp32 compute doubles the element size, not
 calibrated. The --algo baselines (trajectory=True) reuse G2RPO's constants with their row counts: approximate.
 """
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 GiB = 2**30
 RESERVE_GIB = 4.0  # bench/scale.py's RESERVE_GIB: NCCL buffers and allocator fragmentation, beyond the tensors
@@ -400,3 +402,22 @@ def check_fits_args(a, world: int, cfg: dict, gpu_bytes: int, vae_cfg: dict = No
     """train.py's pre-flight: estimate the run `a` would make on `world` GPUs and say, in one line, what would fit
     when it does not (None when it fits). `kw`: more of estimate()'s arguments (e.g. height, width)."""
     return check_fits(estimate(cfg, **{**settings_from_args(a, world, cfg, vae_cfg), **kw}), gpu_bytes)
+
+
+def will_it_fit(a, world: int, device, is_main: bool):
+    """On a GPU, before any weight is read: the estimated per-GPU peak of this run (launch/preflight.py, the
+    accounting bench/scale.py simulates) against this GPU's memory; every rank stops with rank 0 saying, in one line,
+    what would fit. On the CPU there is no fixed budget to check."""
+    if device.type != "cuda" or not a.model:
+        return
+    import torch
+    from launch.collectives import stop_if_any
+    model = Path(a.model)
+    cfg = json.loads((model / "transformer" / "config.json").read_text())
+    vae = json.loads((model / "vae" / "config.json").read_text()) if (model / "vae" / "config.json").is_file() else None
+    memory = torch.cuda.get_device_properties(device).total_memory
+    why = check_fits_args(a, world, cfg, memory, vae)  # the same on every rank
+    stop_if_any(f"will not fit: {why} (--no-preflight runs it anyway)" if why else None, "train.py")
+    if is_main:
+        print(f"pre-flight: {estimate(cfg, **settings_from_args(a, world, cfg, vae)).line()}; this GPU has "
+              f"{memory / 2**30:.1f} GiB", flush=True)

@@ -5,6 +5,7 @@ import torch
 import rollout
 import sde
 import train
+from launch import arguments
 from baselines import grpo
 from test_rollout import CountingVelocity
 
@@ -33,7 +34,7 @@ def test_trajectory_rollout_is_stochastic_exactly_at_its_sde_steps():
 @pytest.mark.parametrize("algo", ["dancegrpo", "flowgrpo", "mixgrpo"])
 def test_each_baseline_plans_its_own_stochastic_and_trained_steps(algo):
     a = train.parse_args(["--algo", algo, "--T", "8", "--window", "3", "--window-shift-every", "10"])
-    train.check_args(a)
+    arguments.check_args(a)
     g = torch.Generator().manual_seed(0)
     plan = lambda it: grpo.step_plan(algo, it, 8, g, a.train_fraction, a.window, a.window_shift_every)
     sde_steps, trained = plan(0)
@@ -51,7 +52,7 @@ def test_each_baseline_plans_its_own_stochastic_and_trained_steps(algo):
 
 def test_g2rpo_plans_every_k_of_M_and_no_mgai_is_lambda_one():
     a = train.parse_args(["--T", "8"])
-    plan = train.G2RPO(a, sde.sigma_grid(8))
+    plan = train.make_plan(a, sde.sigma_grid(8))
     assert plan.M == [0, 1, 2, 3] and plan.Lambda == (1, 2, 3)
     assert (plan.calls, plan.evals) == rollout.predicted_evaluations(8, [0, 1, 2, 3], a.G, (1, 2, 3))
     assert train.parse_args(["--algo", "g2rpo-no-mgai"]).Lambda == (1,)
@@ -60,7 +61,7 @@ def test_g2rpo_plans_every_k_of_M_and_no_mgai_is_lambda_one():
 def test_the_plan_object_gives_what_train_scores():
     """TrajectoryGRPO: its groups are the trained steps, and the G final images are scored once."""
     a = train.parse_args(["--algo", "dancegrpo", "--T", "6", "--G", "3"])
-    plan = grpo.TrajectoryGRPO(a, sde.sigma_grid(6))
+    plan = train.make_plan(a, sde.sigma_grid(6))
     x_T = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(0))
     ro = plan.rollout(CountingVelocity(), x_T, 0, torch.Generator().manual_seed(1))
     assert len(ro.groups) == round(0.6 * 6) and plan.images(ro).shape == (1, 1, 3, 3, 5)

@@ -1,11 +1,11 @@
-"""The prompt stream (data/prompts.py) and the run folder's rules (report/trainrun.py)."""
+"""The prompt stream (data/prompts.py) and the run folder's rules (report/run_folder.py)."""
 import json
 
 import numpy as np
 import pytest
 
 from data.prompts import PromptSampler, future_prompts, read_prompts
-from report import trainrun
+from launch import run_folder
 from report.figures import moving_mean
 
 
@@ -34,12 +34,12 @@ def test_moving_mean_uses_full_windows_only():
 def test_resume_compares_the_defining_settings(tmp_path):
     (tmp_path / "args.json").write_text(json.dumps({"G": 12, "lr": 2e-6, "Lambda": [1, 2, 3], "iterations": 300}))
     same = {"G": 12, "lr": 2e-6, "Lambda": (1, 2, 3), "iterations": 600}  # more iterations: allowed
-    assert trainrun.ownership_errors(tmp_path, same, resume=True, overwrite=False) == []
-    errs = trainrun.ownership_errors(tmp_path, {**same, "Lambda": (1,)}, resume=True, overwrite=False)
+    assert run_folder.ownership_errors(tmp_path, same, resume=True, overwrite=False) == []
+    errs = run_folder.ownership_errors(tmp_path, {**same, "Lambda": (1,)}, resume=True, overwrite=False)
     assert len(errs) == 1 and "Lambda [1, 2, 3] -> (1,)" in errs[0]
-    assert "holds a run" in trainrun.ownership_errors(tmp_path, same, resume=False, overwrite=False)[0]
-    assert trainrun.ownership_errors(tmp_path, same, resume=False, overwrite=True) == []
-    assert "contradict" in trainrun.ownership_errors(tmp_path, same, resume=True, overwrite=True)[0]
+    assert "holds a run" in run_folder.ownership_errors(tmp_path, same, resume=False, overwrite=False)[0]
+    assert run_folder.ownership_errors(tmp_path, same, resume=False, overwrite=True) == []
+    assert "contradict" in run_folder.ownership_errors(tmp_path, same, resume=True, overwrite=True)[0]
 
 
 @pytest.mark.parametrize("damage,why", [("nothing", ""), ("state", "no state.json"), ("rng", "rng_1.pt is missing"),
@@ -56,7 +56,7 @@ def test_checkpoint_problems_are_found_from_the_files(tmp_path, damage, why):
         (ckpt / "state.json").unlink()
     if damage == "rng":
         (ckpt / "rng_1.pt").unlink()
-    assert (why in trainrun.problems(ckpt)) and (trainrun.problems(ckpt) == "") == (damage == "nothing")
+    assert (why in run_folder.problems(ckpt)) and (run_folder.problems(ckpt) == "") == (damage == "nothing")
     shard = next(ckpt.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:20])
-    assert "truncated" in trainrun.problems(ckpt) or damage != "nothing"
+    assert "truncated" in run_folder.problems(ckpt) or damage != "nothing"

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 import train
-from launch import collectives
-from report import files, trainrun
+from launch import arguments, collectives
+from launch import run_folder
+from report import files
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1", "2", "--sde-steps", "0", "1",
@@ -113,7 +114,7 @@ def test_problems_verify_every_file_a_resume_reads(straight, tmp_path):
     import torch
     ckpt = tmp_path / "ckpt_000004"
     shutil.copytree(straight[0] / "ckpt_000002", tmp_path / "ckpt_000002")
-    assert trainrun.problems(tmp_path / "ckpt_000002") == ""
+    assert run_folder.problems(tmp_path / "ckpt_000002") == ""
     damages = {"rng-keys": ("rng_0.pt is damaged (no numpy", lambda: torch.save({"torch": torch.get_rng_state()},
                                                                                  ckpt / "rng_0.pt")),
                "rng-cut": ("rng_0.pt is damaged", lambda: (ckpt / "rng_0.pt").write_bytes(b"PK\x03\x04")),
@@ -122,12 +123,12 @@ def test_problems_verify_every_file_a_resume_reads(straight, tmp_path):
     for damage, (why, do) in damages.items():
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.copytree(tmp_path / "ckpt_000002", ckpt)
-        assert "state.json is damaged" in trainrun.problems(ckpt)  # ckpt_000002's record in the folder of iteration 4
+        assert "state.json is damaged" in run_folder.problems(ckpt)  # ckpt_000002's record in the folder of iteration 4
         state = json.loads((ckpt / "state.json").read_text())
         (ckpt / "state.json").write_text(json.dumps({**state, "iteration": 4}))
-        assert trainrun.problems(ckpt) == ""
+        assert run_folder.problems(ckpt) == ""
         do()
-        assert why in trainrun.problems(ckpt), damage
+        assert why in run_folder.problems(ckpt), damage
 
 
 def test_settings_that_contradict_the_disk_are_refused_before_any_work(tiny_model, straight, tmp_path):
@@ -137,7 +138,7 @@ def test_settings_that_contradict_the_disk_are_refused_before_any_work(tiny_mode
 
     def refused(*extra, model=tiny_model):
         with pytest.raises(SystemExit) as e:
-            train.check_all(train.parse_args(argv(model, out, "--resume", "--checkpoint-every", "2", *extra)), True)
+            arguments.check_all(train.parse_args(argv(model, out, "--resume", "--checkpoint-every", "2", *extra)), True)
         return str(e.value.code)
     assert "--iterations 4: the run in" in refused("--iterations", "4") and "has done 6" in refused("--iterations", "4")
     assert "sde_steps_per_iteration 0 -> 1" in refused("--iterations", "8", "--sde-steps-per-iteration", "1")
@@ -159,7 +160,7 @@ def test_flags_a_library_would_refuse_stop_before_any_work(tiny_model, tmp_path,
     out = tmp_path / "run"
     extra = [str(tiny_model[0] / "run") if x == "MODEL/run" else x for x in extra]
     with pytest.raises(SystemExit, match=says):
-        train.check_all(train.parse_args(argv(tiny_model, out, *extra)), True)
+        arguments.check_all(train.parse_args(argv(tiny_model, out, *extra)), True)
     assert not out.exists() and not (tiny_model[0] / "run").exists()  # nothing left behind
 
 
@@ -167,7 +168,7 @@ def test_a_run_folder_that_cannot_be_written_is_named(tiny_model, tmp_path):
     (tmp_path / "file").write_text("x")
     for out, says in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "run", "is a file")):
         with pytest.raises(SystemExit, match=says):
-            train.check_all(train.parse_args(argv(tiny_model, out)), True)
+            arguments.check_all(train.parse_args(argv(tiny_model, out)), True)
 
 
 def test_file_system_errors_are_said_in_one_line(tmp_path, monkeypatch):
@@ -208,7 +209,7 @@ def test_a_full_disk_stops_in_one_line_and_the_last_whole_checkpoint_resumes(tin
     line = one_line(r)
     assert "checkpoint ckpt_0000" in line and "the disk is full" in line and "make room, then --resume" in line, line
     kept = tmp_path / "kept"  # the folder as the full disk left it, moved to a disk with room
-    assert not list(kept.glob("*.tmp")) and [p.name for p, why in trainrun.scan(kept).items() if not why]
+    assert not list(kept.glob("*.tmp")) and [p.name for p, why in run_folder.scan(kept).items() if not why]
     ok(train_py(tiny_model, kept, "--iterations", "6", "--checkpoint-every", "2", "--keep-checkpoints", "3",
                 "--resume"))
     assert sha256s(kept / "final") == straight[1]["final"]

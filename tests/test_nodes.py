@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from data.prompts import encoding_share
-from report import trainrun
+from launch import run_folder
 from report.files import atomic_write
 from test_train import TINY
 
@@ -45,20 +45,20 @@ def test_two_nodes_with_their_own_out_are_stopped_before_any_work(tiny_model, tm
 def test_a_file_system_without_flock_gets_an_owner_file(tmp_path, monkeypatch):
     def no_flock(*a):
         raise OSError(errno.ENOSYS, "Function not implemented")
-    monkeypatch.setattr(trainrun.fcntl, "flock", no_flock)
+    monkeypatch.setattr(run_folder.fcntl, "flock", no_flock)
     out = tmp_path / "run"
-    held = trainrun.take_lock(out)
+    held = run_folder.take_lock(out)
     owner = out / ".lock.owner"
     assert owner.read_text() == f"host {socket.gethostname()} pid {os.getpid()}"
     with pytest.raises(SystemExit, match=r"in use by another run .*no flock: Function not implemented.*delete"):
-        trainrun.take_lock(out)  # this process holds it: alive
+        run_folder.take_lock(out)  # this process holds it: alive
     held.release()
     assert not owner.exists()
     owner.write_text(f"host {socket.gethostname()} pid {_dead_pid()}")  # a killed run of this host: taken over
-    trainrun.take_lock(out).release()
+    run_folder.take_lock(out).release()
     owner.write_text("host another-node pid 7")  # another host's cannot be checked from here: named, not taken
     with pytest.raises(SystemExit, match="another-node"):
-        trainrun.take_lock(out)
+        run_folder.take_lock(out)
 
 
 def _dead_pid() -> int:

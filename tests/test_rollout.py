@@ -231,7 +231,7 @@ def test_a_random_subset_of_m_is_rolled_out_and_counted():
     its generator, and the evaluations counted at the model are the closed form's for that subset."""
     import train
     a = train.parse_args(["--T", "8", "--G", "3", "--sde-steps", "0", "2", "4", "6", "--sde-steps-per-iteration", "2"])
-    plan = train.G2RPO(a, sde.sigma_grid(a.T))
+    plan = train.make_plan(a, sde.sigma_grid(a.T))
     seen = set()
     for seed in range(12):
         v = CountingVelocity()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train
+from launch import arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1", "2", "--sde-steps", "0", "1",
@@ -125,7 +126,7 @@ def test_resume_equals_straight_run(tiny_model, tmp_path):
     (["--reward", "hps"], "needs --hps-checkpoint"), (["--reward", "clip", "--clip-model", "/no/clip"], "/no/clip")])
 def test_bad_arguments_stop_with_a_clear_message(argv, msg):
     with pytest.raises(SystemExit) as e:
-        train.check_args(train.parse_args(argv))
+        arguments.check_args(train.parse_args(argv))
     assert msg in str(e.value)
 
 
@@ -143,7 +144,7 @@ def test_defaults_are_table_4(tmp_path):
             a.adv_clip, a.seed, a.sampler_seed, a.mixed_precision, a.iterations) == \
         ("paper", 12, 16, 0.7, 3.0, (1, 2, 3), 2e-6, 1e-4, 1.0, 1e-4, 5.0, 42, 1223627, "bf16", 300)
     assert train.parse_args(["--model", str(tmp_path)]) == train.Args(model=str(tmp_path))  # Table 4 IS Args()
-    assert train.sde_steps(a) == list(range(8))  # M = the first half of the steps
+    assert arguments.sde_steps(a) == list(range(8))  # M = the first half of the steps
 
 
 def test_presets_are_the_defaults_help_shows(capsys):
@@ -171,10 +172,10 @@ def test_non_finite_gradient_never_reaches_the_weights():
         before = [p.detach().clone() for p in net.parameters()]
         a = train.Args(max_grad_norm=1.0)
         net(torch.randn(4, 3)).sum().mul(float("nan")).backward()
-        norm, ok = train.clip_and_step(net, opt, a, torch.device("cpu"))
+        norm, ok = train.clip_and_step(net, opt, a.max_grad_norm)
         assert not ok and all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
         net(torch.randn(4, 3)).sum().backward()
-        norm, ok = train.clip_and_step(net, opt, a, torch.device("cpu"))
+        norm, ok = train.clip_and_step(net, opt, a.max_grad_norm)
         assert ok and not all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
     finally:
         dist.destroy_process_group()
@@ -203,12 +204,12 @@ def test_baselines_run_in_the_same_harness(tiny_model, tmp_path, algo):
     (["--algo", "dancegrpo", "--train-fraction", "0"], "--train-fraction")])
 def test_every_numeric_flag_has_its_range(argv, msg):
     with pytest.raises(SystemExit, match=re.escape(msg)):
-        train.check_args(train.parse_args(argv))
+        arguments.check_args(train.parse_args(argv))
 
 
 def test_flags_of_other_algorithms_are_not_checked():
     for argv in (["--T", "3"], ["--window", "99"], ["--train-fraction", "7"]):  # MixGRPO / DanceGRPO only
-        train.check_args(train.parse_args(argv))
+        arguments.check_args(train.parse_args(argv))
 
 
 @pytest.mark.parametrize("content,msg", [(b"", "holds no prompt"), (b"  \n\n \t\n", "holds no prompt"),
@@ -218,14 +219,14 @@ def test_bad_prompt_files_are_named(tmp_path, content, msg):
     f = tmp_path / "prompts.txt"
     f.write_bytes(content)
     with pytest.raises(SystemExit, match=re.escape(f"--prompts {f}: {msg}")):
-        train.check_args(train.parse_args(["--prompts", str(f)]))
+        arguments.check_args(train.parse_args(["--prompts", str(f)]))
 
 
 def test_model_must_be_a_model_folder(tmp_path):
     f = tmp_path / "weights.safetensors"
     f.write_bytes(b"x")
     with pytest.raises(SystemExit, match="not a diffusers model folder"):
-        train.check_args(train.parse_args(["--model", str(f), "--prompts", __file__]))
+        arguments.check_args(train.parse_args(["--model", str(f), "--prompts", __file__]))
 
 
 def test_the_run_folder_has_one_owner(tiny_model, tmp_path):
@@ -324,7 +325,7 @@ def test_one_pass_gives_the_gradient_of_one_pass_per_k(tiny_model, algo):
         a = train.parse_args(["--model", str(tiny_model[0]), "--prompts", str(tiny_model[1]), *TINY, "--algo", algo,
                               *(["--Lambda", "1"] if algo != "g2rpo" else []), "--max-grad-norm", "1e9"])
         a = train.replace(a, sde_steps=(0, 1, 2) if algo == "g2rpo" else ())
-        plan = (train.G2RPO if algo == "g2rpo" else train.TrajectoryGRPO)(a, sigma_grid(a.T, a.shift))
+        plan = train.make_plan(a, sigma_grid(a.T, a.shift))
         results, As = [], []
         for i, prompt in enumerate(tiny_model[1].read_text().splitlines()[:2]):
             gen = torch.Generator().manual_seed(i)
@@ -336,8 +337,7 @@ def test_one_pass_gives_the_gradient_of_one_pass_per_k(tiny_model, algo):
         grads, losses = {}, {}
         for batch in (1, 0, 2):
             opt = KeepGrads([p for p in policy.transformer.parameters()], lr=0.0)
-            stats = train.update(policy, policy.transformer, opt, results, As, train.replace(a, rescore_batch=batch),
-                                 torch.device("cpu"))
+            stats = train.update(policy, policy.transformer, opt, results, As, train.replace(a, rescore_batch=batch))
             grads[batch], losses[batch] = opt.grads, stats["loss"]
         assert sum(g.abs().sum() for g in grads[1]) > 0
         for batch in (0, 2):

@@ -1,4 +1,4 @@
-"""train.py's pre-flight (train.will_it_fit -> launch/preflight.py): on a GPU, before any weight is read, a run
+"""train.py's pre-flight (launch.preflight.will_it_fit): on a GPU, before any weight is read, a run
 that cannot fit stops in one line that says what would; one that fits prints its estimate. The GPU is simulated
 (its memory size), the model is FLUX.1-dev's released configs (only config.json files: nothing is loaded)."""
 import json
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from launch.preflight import will_it_fit
 from bench.scale import FLUX_DEV, FLUX_VAE
 
 
@@ -24,7 +25,7 @@ def test_full_fine_tuning_on_one_80gb_gpu_is_refused_with_what_fits(one_rank_gro
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 10**9))
     a = train.parse_args(["--model", str(flux_folder), "--prompts", "p.txt"])
     with pytest.raises(SystemExit) as e:
-        train.will_it_fit(a, 1, torch.device("cuda", 0), True)
+        will_it_fit(a, 1, torch.device("cuda", 0), True)
     line = str(e.value)
     assert "\n" not in line and line.startswith("train.py: will not fit: estimated peak")
     assert "--lora-rank 32" in line and "--nproc_per_node 8" in line and "--no-preflight" in line
@@ -34,10 +35,10 @@ def test_lora_on_one_gpu_and_eight_gpus_full_fit(flux_folder, monkeypatch, capsy
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 10**9))
     for argv, world in ((["--lora-rank", "32", "--lora-alpha", "64"], 1), ([], 8)):
         a = train.parse_args(["--model", str(flux_folder), "--prompts", "p.txt", *argv])
-        train.will_it_fit(a, world, torch.device("cuda", 0), True)
+        will_it_fit(a, world, torch.device("cuda", 0), True)
         assert capsys.readouterr().out.startswith("pre-flight: estimated peak")
 
 
 def test_the_cpu_has_no_budget_to_check(flux_folder):
     a = train.parse_args(["--model", str(flux_folder), "--prompts", "p.txt"])
-    train.will_it_fit(a, 1, torch.device("cpu"), True)  # returns: nothing to check, no GPU properties asked
+    will_it_fit(a, 1, torch.device("cpu"), True)  # returns: nothing to check, no GPU properties asked
