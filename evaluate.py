@@ -50,6 +50,7 @@ from report.tables import compare, render_table
 from rewards import REWARDS, RewardOptions, load_rewards, lookup, needs, prompt_errors
 
 SEED_STRIDE = 1_000_000  # seed of image k of prompt j: seed + j + SEED_STRIDE * k
+COLUMNS = {name: (spec.title, spec.scale) for name, spec in REWARDS.items()}  # Table 1's columns, titles, scales
 WHO = "evaluate.py"
 
 
@@ -354,7 +355,7 @@ def evaluate_model(ref: ModelRef, ctx: Context) -> dict:
           f"scores computed ({time.time() - t0:.1f} s)", flush=True)
     for _, _, error in (f for g in everything for f in g["failures"]):
         print(f"  unscored (NaN): {error}")
-    return runs.finish(run, manifest, done, ctx.metrics, ctx.skipped)
+    return runs.finish(run, manifest, done, ctx.metrics, ctx.skipped, COLUMNS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,7 +444,7 @@ def main(argv=None):
         raise SystemExit(f"{WHO}: {errors[0]}" if int(os.environ.get("RANK", "0")) == 0 else 1)
     if a.compare:
         with file_errors_in_one_line(WHO, a.out):
-            return compare(a.compare, Path(a.out), a.grid_prompts)
+            return compare(a.compare, Path(a.out), a.grid_prompts, COLUMNS)
     rank, world, device = collectives.init(a.device, a.collective_timeout, WHO, group_of_one=False)
     threads = torch.get_num_threads()
     try:
@@ -482,9 +483,9 @@ def evaluate_all(a: Args, rank: int, world: int, device) -> list:
             results.append((Path(a.out) / ref.name, evaluate_model(ref, ctx)))
             collectives.barrier()
         if rank == 0 and len(refs) > 1:
-            compare([str(run) for run, _ in results], Path(a.out), a.grid_prompts)
+            compare([str(run) for run, _ in results], Path(a.out), a.grid_prompts, COLUMNS)
         elif rank == 0:
-            print(render_table(results))
+            print(render_table(results, columns=COLUMNS))
     return results
 
 

@@ -256,16 +256,6 @@ def sample_prompt(plan, policy, model, rewards, prompt, it, gen) -> Sampled:
     return Sampled(prompt, cond, ro, R, scores[:, -1], time.time() - t0)
 
 
-def rows_velocity(policy, model, conds: list):
-    """v(x, t) for rows of several prompts: [(cond, rows)] in order. One prompt: its cond expanded to the rows
-    (the rollout's own call); several: their embeddings repeated row by row into one batched cond."""
-    from policy.flux import Cond
-    if all(c is conds[0][0] for c, _ in conds):
-        return policy.velocity(conds[0][0], model)
-    return policy.velocity(Cond(torch.cat([c.prompt_embeds.expand(n, -1, -1) for c, n in conds]),
-                                torch.cat([c.pooled.expand(n, -1) for c, n in conds])), model)
-
-
 def clip_and_step(model, optim, max_grad_norm: float, agree=all_true):
     """Line 26: clip, check the gradient norm is finite on every rank (`agree`), step; a non-finite one never lands."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -290,7 +280,7 @@ def update(policy, model, optim, results, As, a: Args, step=clip_and_step) -> di
                  optimizer_steps=0)
     for c in range(0, n, size):
         chunk = work[c:c + size]
-        v = rows_velocity(policy, model, [(s.cond, group.x_k.shape[0]) for s, group, _ in chunk])
+        v = policy.rows_velocity([(s.cond, group.x_k.shape[0]) for s, group, _ in chunk], model)
         logps = rescore_groups(v, [group for _, group, _ in chunk], chunk[0][0].rollout.sigmas, a.eta, a.schedule)
         total = 0.0
         for (s, group, A), logp in zip(chunk, logps):  # logp: (G,) with gradients
@@ -321,19 +311,6 @@ def load_world(a: Args, rank: int):
         toy.base_model()  # pretrains on first use (minutes), then cached
     barrier()
     return Path(toy.base_model()), prompts or list(toy.TRAIN_PROMPTS), list(toy.GRID_PROMPTS), toy.HELDOUT_PROMPTS
-
-
-def write_samples(policy, prompts, marked, a, path, is_main) -> bool:
-    """Deterministic ODE samples of fixed prompts and seeds 0, 1 (every rank runs the FSDP forwards).
-    Returns whether every image is finite (on every rank): a diverged model samples NaN."""
-    from policy.flux import sample
-    from report.figures import save_grid
-    policy.transformer.eval()
-    imgs = sample(policy, [p for p in prompts for _ in range(2)], [0, 1] * len(prompts), a.T, a.shift)
-    if is_main:
-        save_grid(imgs, prompts, 2, path, max(1, 96 // policy.height), marked)
-    policy.transformer.train()
-    return all_true(bool(torch.isfinite(imgs).all()))
 
 
 @dataclass
@@ -392,7 +369,7 @@ def train(a: Args):
     is_main = os.environ.get("RANK", "0") == "0"
     rank, world, device, lock = startup.start(a, is_main)  # noqa: F841 - the lock is held until exit
     r = set_up(a, rank, world, device)  # lines 1-2: the policy, the reward models, the optimizer (resumed)
-    model, plan, books, costs = r.model, r.plan, Bookkeeping(a, r, rank, world, device, write_samples), Costs(device)
+    model, plan, books, costs = r.model, r.plan, Bookkeeping(a, r, rank, world, device), Costs(device)
     for it in books.iterations():  # line 3: for each training iteration
         costs.start()
         batch = r.sampler.next()  # line 5: this rank's prompts

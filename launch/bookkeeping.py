@@ -5,10 +5,12 @@ checkpoints, the export. Every rank calls each method at the same point; rank 0 
 import sys
 from pathlib import Path
 
+import torch
+
 from tqdm import tqdm
 
 from launch import checkpoints, run_folder
-from launch.collectives import stop_if_any
+from launch.collectives import all_true, stop_if_any
 from launch.export import export
 from launch.metrics import start_log, write_log
 from launch.probing import probe, probe_cost
@@ -17,19 +19,32 @@ DIVERGED = ("{} iterations in a row without an update (non-finite rewards, advan
             "diverged and nothing is exported; lower --lr, or --resume from an earlier checkpoint")
 
 
-class Bookkeeping:
-    """`write_samples(policy, prompts, marked, a, path, is_main) -> finite` draws a sample grid (train.write_samples)."""
+def write_samples(policy, prompts, marked, a, path, is_main) -> bool:
+    """Deterministic ODE samples of fixed prompts and seeds 0, 1 (every rank runs the FSDP forwards).
+    Returns whether every image is finite (on every rank): a diverged model samples NaN."""
+    from policy.flux import sample
+    from report.figures import save_grid
+    policy.transformer.eval()
+    imgs = sample(policy, [p for p in prompts for _ in range(2)], [0, 1] * len(prompts), a.T, a.shift)
+    if is_main:
+        save_grid(imgs, prompts, 2, path, max(1, 96 // policy.height), marked)
+    policy.transformer.train()
+    return all_true(bool(torch.isfinite(imgs).all()))
 
-    def __init__(self, a, r, rank: int, world: int, device, write_samples):
+
+class Bookkeeping:
+    """Around the loop of train.train; `r` is its set-up (train.Run)."""
+
+    def __init__(self, a, r, rank: int, world: int, device):
         self.a, self.r, self.rank, self.world, self.device = a, r, rank, world, device
-        self.is_main, self.out, self.write_samples = rank == 0, Path(a.out), write_samples
+        self.is_main, self.out = rank == 0, Path(a.out)
         # the last sample grid: finite, at which iteration; iterations done; iterations in a row without an update
         self.ok, self.sampled_at, self.done, self.idle = True, None, r.start, 0
         self.bar = None
 
     def samples(self, done: int) -> bool:
         """The sample grid after `done` iterations; whether every image is finite."""
-        return self.write_samples(self.r.policy, *self.r.grid, self.a, self.out / f"samples_{done:06d}.png",
+        return write_samples(self.r.policy, *self.r.grid, self.a, self.out / f"samples_{done:06d}.png",
                                   self.is_main)
 
     def iterations(self):

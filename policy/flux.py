@@ -136,6 +136,14 @@ class FluxPolicy:
         return v
 
     # ---------------------------------------------------------------- latents and images
+    def rows_velocity(self, conds: list, transformer=None):
+        """v(x, t) for rows of several prompts: [(cond, rows)] in order. One prompt: its cond expanded to the rows
+        (velocity()); several: their embeddings repeated row by row into one batched cond."""
+        if all(c is conds[0][0] for c, _ in conds):
+            return self.velocity(conds[0][0], transformer)
+        return self.velocity(Cond(torch.cat([c.prompt_embeds.expand(n, -1, -1) for c, n in conds]),
+                                  torch.cat([c.pooled.expand(n, -1) for c, n in conds])), transformer)
+
     def noise(self, n: int, generator=None) -> torch.Tensor:
         """(n, L, C) float32 x_T, drawn like FluxPipeline.prepare_latents (same generator, same x_T)."""
         z = randn_tensor((n, self.c, self.h, self.w), generator=generator, device=self.device, dtype=torch.float32)

@@ -89,7 +89,7 @@ def read_scores(run: Path) -> dict:
     return done
 
 
-def finish(run: Path, manifest: dict, done: dict, metrics: list, skipped: dict) -> dict:
+def finish(run: Path, manifest: dict, done: dict, metrics: list, skipped: dict, columns: dict = None) -> dict:
     """scores.jsonl (the part files merged, then removed), results.json and table.md; returns the results."""
     rows = [{**image, "scores": done.get(image["index"], {})} for image in manifest["images"]]
     write_text(run / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -99,5 +99,5 @@ def finish(run: Path, manifest: dict, done: dict, metrics: list, skipped: dict) 
                "prompts": len({r["prompt_index"] for r in rows}), **summarise_groups(rows, metrics),
                "skipped": skipped}
     write_text(run / "results.json", json.dumps(results, indent=1))
-    write_text(run / "table.md", render_table([(run, results)]) + "\n")
+    write_text(run / "table.md", render_table([(run, results)], columns=columns) + "\n")
     return results

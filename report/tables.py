@@ -3,8 +3,8 @@
 
 A prompt's images are averaged first; a cell is the mean over prompts +- the half-width of the 95 %
 Student-t interval over prompts, t_{0.975, n-1} s / sqrt(n) (with one image per prompt, as in the paper,
-the usual interval over images). Metric titles and display scales (PickScore / 100) are the reward
-registry's (rewards/__init__.py).
+the usual interval over images). Metric titles, display scales (PickScore / 100) and the column order come from
+the caller (`columns`: evaluate.py passes the reward registry's); a metric without one is shown by its name.
 """
 import json
 import math
@@ -13,7 +13,6 @@ from pathlib import Path
 from scipy import stats
 
 from report.files import write_text
-from rewards import REWARDS
 
 
 def mean_ci(values, level: float = 0.95) -> dict:
@@ -55,8 +54,7 @@ def summarise_groups(rows: list, metrics: list) -> dict:
             "groups": {g: summarise([f for f, r in zip(flat, rows) if r["group"] == g], metrics) for g in groups}}
 
 
-def _cell(stat: dict, metric: str, ref: dict = None) -> str:
-    scale = REWARDS[metric].scale if metric in REWARDS else 1.0
+def _cell(stat: dict, scale: float, ref: dict = None) -> str:
     if stat is None or stat["mean"] is None:
         return "—"
     text = f"{stat['mean'] * scale:.3f}"
@@ -67,24 +65,26 @@ def _cell(stat: dict, metric: str, ref: dict = None) -> str:
     return text
 
 
-def render_table(runs: list, deltas: bool = False) -> str:
+def render_table(runs: list, deltas: bool = False, columns: dict = None) -> str:
     """Markdown in Table 1's layout: a row per run (and per prompt group), a column per metric; deltas: each
-    row's difference to the first run's row of the same group. runs: [(folder, results)]."""
-    order = list(REWARDS)
+    row's difference to the first run's row of the same group. runs: [(folder, results)]; columns: {metric: (title,
+    display scale)} in column order (other metrics after them, by name)."""
+    columns = columns or {}
+    order = list(columns)
     metrics = sorted(dict.fromkeys(m for _, r in runs for m in r["metrics"]),
                      key=lambda m: order.index(m) if m in order else len(order))
     keys = ("steps", "height", "width", "guidance", "per_prompt", "prompts_file")
     differ = [k for k in keys if len({str(r["settings"].get(k)) for _, r in runs}) > 1]  # e.g. Table 3's steps
     groups = list(dict.fromkeys(g for _, r in runs for g in r["groups"]))
     first = runs[0][1]
-    titles = [REWARDS[m].title if m in REWARDS else m for m in metrics]
+    titles = [columns[m][0] if m in columns else m for m in metrics]
     lines = ["| model | " + " | ".join(titles) + " |", "|---|" + "---|" * len(metrics)]
     for _, r in runs:
         label = r["name"] + "".join(f", {k}={r['settings'].get(k)}" for k in differ)
         for g in [""] + list(r["groups"]):
             row = r["groups"][g] if g else r["metrics"]
             ref = (first["groups"].get(g, {}) if g else first["metrics"]) if deltas and r is not first else {}
-            cells = [_cell(row.get(m), m, ref.get(m)) for m in metrics]
+            cells = [_cell(row.get(m), columns[m][1] if m in columns else 1.0, ref.get(m)) for m in metrics]
             lines.append(f"| {label}{' · ' + g if g else ''} | " + " | ".join(cells) + " |")
     n = "; ".join((g + ": " if g else "") + _prompt_counts(runs, g) for g in [""] + groups)
     lines += ["", f"mean ± half-width of the 95 % Student-t interval over prompts (n = {n})"
@@ -100,7 +100,7 @@ def _prompt_counts(runs: list, group: str) -> str:
     return ", ".join(map(str, sorted(ns)))
 
 
-def compare(paths: list, out: Path, n_rows: int = 6) -> str:
+def compare(paths: list, out: Path, n_rows: int = 6, columns: dict = None) -> str:
     """One table of several runs (differences to the first) -> stdout and out/comparison.md; out/grid.png.
     A path is a run folder (results.json) or a folder of runs (each, by name)."""
     from report.figures import comparison_grid
@@ -110,7 +110,7 @@ def compare(paths: list, out: Path, n_rows: int = 6) -> str:
         if not found:
             raise SystemExit(f"evaluate.py --compare: {p} holds no results.json (nor do its subfolders)")
         runs += [(q, json.loads((q / "results.json").read_text())) for q in found]
-    text = render_table(runs, deltas=True)
+    text = render_table(runs, deltas=True, columns=columns)
     write_text(Path(out) / "comparison.md", text + "\n")
     print(text)
     if len(runs) > 1:

@@ -5,7 +5,7 @@ all_reduce, which stops every GPU run after its first iteration. Two tests toget
 1. every collective that train.py, evaluate.py and what they import issue goes through launch/collectives.py
    (a source scan: a new `dist.all_reduce(...)` anywhere else fails it);
 2. every tensor collective of launch/collectives.py, and the loop's own functions that feed them
-   (train.sample_prompt -> launch.metrics.record, train.clip_and_step, train.write_samples), run under
+   (train.sample_prompt -> launch.metrics.record, train.clip_and_step, launch.bookkeeping.write_samples), run under
    a process group registered for CUDA only, on fake CUDA tensors (no GPU needed), with the backend's device check
    NCCL makes (`No backend type associated with device type cpu`) reproduced at the dispatcher.
 """
@@ -127,9 +127,10 @@ def test_objects_cross_on_the_cpu():
 def test_the_loop_under_a_cuda_only_group(cuda_only_group, tmp_path):
     """One iteration's collectives on the objects the loop makes: the rollout (train.sample_prompt, rewards that
     score on the CPU as the toy ones do), Eqs. 8/11, the step (train.clip_and_step -> all_true), the
-    record (launch.metrics.record -> mean_over_ranks), the sample grid's finiteness (train.write_samples)."""
+    record (launch.metrics.record -> mean_over_ranks), the sample grid's finiteness (launch.bookkeeping.write_samples)."""
     import train
     from launch import metrics
+    from launch.bookkeeping import write_samples
     from advantage import mixed_advantage
     from policy.flux import FluxPolicy
     from rewards import load_rewards
@@ -159,6 +160,6 @@ def test_the_loop_under_a_cuda_only_group(cuda_only_group, tmp_path):
         stats = {"loss": 0.0, "grad_norm": norm, "optimizer_steps": 1}
         costs = dict(gathered_rollout=0, gathered_train=0, sec_rollout=0.0, sec_train=0.0, peak_mem_gb=0.0)
         rec = metrics.record(0, [s], As, stats, plan.Lambda, rewards, True, costs)
-        train.write_samples(policy, ["a red circle on the left"], (), a, tmp_path / "grid.png", False)
+        write_samples(policy, ["a red circle on the left"], (), a, tmp_path / "grid.png", False)
     assert "toy-adherence@1" in rec["reward_per_lambda"] and "grad_norm" in stats  # (fake values: no numbers)
     assert len(check.seen) >= 3 and {d for _, d in check.seen} == {"cuda"}
