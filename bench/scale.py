@@ -11,9 +11,11 @@ FLUX.1-dev's transformer (19 + 38 blocks, 24 heads x 128, 11.9 B parameters), it
 for the encoding, open_clip ViT-H-14 for HPS. The code path: `train.load_model` (built on the meta device, each
 rank filling its own shard; the weights it reads are fake bf16 tensors, FakeWeights), `train.shard_model` (FSDP2
 per block + root, bf16 MixedPrecisionPolicy; at world size 1 under LoRA the plain model), `train.Gathered` +
-`train.sample_prompt` (rollout.singular_rollout, decode, reward), `train.update` (rollout.rescore +
-loss.g2rpo_loss + backward per k), `train.clip_and_step` (AdamW), and the checkpoint's state dict
-(`get_state_dict`, as launch.checkpoints.save).
+`train.make_plan` + `train.sample_prompt` (rollout.singular_rollout, decode, reward), `train.update`
+(rollout.rescore_groups + loss.g2rpo_loss + backward per k), `train.clip_and_step` (AdamW), and the checkpoint's
+state dict (`get_state_dict`, as launch.checkpoints.save). Only public functions, with their own arguments: where
+fake tensors cannot answer a check, the simulation hands train.clip_and_step an `agree` that runs the collective and
+answers True. How it builds and measures: bench/measure.py.
 
 Measured per phase on rank 0 (all ranks are alike):
   memory  torch.distributed._tools.FSDPMemTracker: peak bytes by kind (sharded parameters, gathered
@@ -35,38 +37,21 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import measure  # noqa: E402
+from bench.measure import _proc_status, _reset_peak_rss  # noqa: E402, F401 - tests/test_loading.py reads them here
 from launch import checkpoints  # noqa: E402
+from launch.preflight import CLIP_L, FLUX_DEV, FLUX_VAE, GiB, RESERVE_GIB, T5_XXL  # noqa: E402 - the released configs
 from policy.lora import trainable  # noqa: E402
-aten = torch.ops.aten
-GiB = 2**30
-
-# ------------------------------------------------------------------------------------------------
-# The models (diffusers / transformers / open_clip configs of the released checkpoints)
-# ------------------------------------------------------------------------------------------------
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-                use_quant_conv=False, use_post_quant_conv=False)
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768)
 
 
 @dataclass
@@ -88,497 +73,6 @@ class Setting:
     lora_rank: int = 0  # train.py --lora-rank: frozen bf16 base, fp32 adapters (alpha = 2 rank), AdamW on the adapters
 
 
-# ------------------------------------------------------------------------------------------------
-# The GPUs and what we assume of them
-# ------------------------------------------------------------------------------------------------
-# dense peak FLOP/s by compute dtype (H100 SXM = H200: same GH100 chip). fp32 matmuls run on the CUDA
-# cores (PyTorch leaves TF32 off for matmul); fp32 convolutions use TF32 (cuDNN's default is on).
-PEAK = {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}
-GPUS = {"H100": dict(bw=3.35e12, mem_gib=78.0), "H200": dict(bw=4.8e12, mem_gib=139.0)}  # usable after CUDA context
-MFU = 0.40  # share of peak that large bf16 matmuls and flash attention reach in practice (FSDP trainers report 35-50 %)
-BW_EFF = 0.70  # share of HBM bandwidth that elementwise kernels reach
-RESERVE_GIB = 4.0  # NCCL buffers and allocator fragmentation, on top of what the tracker counts
-NVLINK = 300e9  # bytes/s per GPU that an intra-node ring all-gather / reduce-scatter reaches (NVLink 4: 450 GB/s/dir)
-IB = 40e9  # bytes/s per GPU across nodes (one 400 Gb/s NIC per GPU, ~80 %)
-DISK = 2e9  # bytes/s per GPU written by a checkpoint (shared file system)
-
-
-def _ensure_cpu_attention_flops():
-    """FlopCounterMode knows the CUDA attention kernels; on fake CPU tensors SDPA dispatches to the CPU flash
-    kernel, which has the same FLOPs: give it the same formulas."""
-    from torch.utils.flop_counter import flop_registry
-    pairs = [(aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention),
-             (aten._scaled_dot_product_flash_attention_for_cpu_backward,
-              aten._scaled_dot_product_flash_attention_backward)]
-    for cpu, cuda in pairs:
-        flop_registry.setdefault(cpu, flop_registry[cuda])
-
-
-_ensure_cpu_attention_flops()
-
-
-# ------------------------------------------------------------------------------------------------
-# Counting: FLOPs, bytes, collectives, roofline time (Meter); memory by phase (Recorder)
-# ------------------------------------------------------------------------------------------------
-def _tensors(tree):
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-def _nbytes(t):
-    return t.numel() * t.element_size()
-
-
-class Meter(TorchDispatchMode):
-    """Per op: FLOPs (flop_counter's formulas, as FlopCounterMode), bytes of inputs and outputs, the bytes of
-    each collective (all_gather: the gathered output; reduce_scatter: the full input; all_reduce: the
-    tensor), and the roofline seconds on each GPU. On fake tensors, .item() answers 1 (bool: True): AdamW's step
-    count needs a number, sde.sde_step's check that the noise is > 0 needs True."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.distributed.tensor import DTensor
-        from torch._subclasses.fake_tensor import FakeTensor
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented  # DTensor first desugars into ops on the local shards
-        kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
-            return True if args[0].dtype == torch.bool else 1
-        out = func(*args, **kwargs)
-        name = func.name()
-        if name.startswith(("c10d::", "_c10d_functional::")):
-            kind = next((k for k in ("all_gather", "allgather", "reduce_scatter", "allreduce", "all_reduce")
-                         if k in name), "other")
-            kind = {"allgather": "all_gather", "allreduce": "all_reduce"}.get(kind, kind)
-            self.n[f"comm_{kind}"] += max(map(_nbytes, _tensors((args, out))), default=0)
-            return out
-        from torch.utils.flop_counter import flop_registry
-        packet = func._overloadpacket
-        flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
-        moved = 0 if func.is_view else sum(map(_nbytes, _tensors((args, kwargs, out))))
-        self.n["flops"] += flops
-        self.n["bytes"] += moved
-        dtype = next((t.dtype for t in _tensors(args) if t.is_floating_point()), torch.float32)
-        peak = PEAK["bf16"] if dtype in (torch.bfloat16, torch.float16) else \
-            PEAK["tf32"] if packet is aten.convolution else PEAK["fp32"]
-        for gpu, spec in GPUS.items():
-            self.n[f"sec_{gpu}"] += max(flops / (MFU * peak), moved / (BW_EFF * spec["bw"]))
-        return out
-
-
-def _peak_total(tracker) -> int:
-    """A MemTracker's peak bytes on the device (the meta device's, where models are built, aside)."""
-    return max([s["Total"] for d, s in tracker.get_tracker_snapshot("peak").items() if d.type != "meta"] or [0])
-
-
-def _proc_status(key: str) -> int:
-    """Bytes of a /proc/self/status entry (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> int:
-    """Restart the kernel's peak-RSS counter (VmHWM, Linux >= 4.0); returns the resident set now."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_status("VmRSS")
-
-
-class _NoHook:
-    def remove(self):
-        pass
-
-
-def plain_tracker(model):
-    """MemTracker for a model that FSDP does not wrap (world size 1 under LoRA, train.shard_model), counting what
-    FSDPMemTracker counts for one it wraps: the model's parameters (kind "Parameter"), gradients and optimizer state,
-    and every activation, but not the weights of other modules (the VAE, the reward: FSDPMemTracker leaves them out
-    too). Two more changes: a frozen parameter gets no gradient hook (MemTracker would register one and fail), and a
-    module called again at the top level is a repeat within the iteration, not the next iteration (which MemTracker
-    refuses): its statistics start over. Only the peaks by kind are kept up to date (the per-module ones, unused
-    here, cost a pass over every module at every op: 20x the time on FLUX.1-dev)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-    mine = set(model.modules())
-
-    class PlainTracker(MemTracker):
-        def _pre_fw_hook(self, module, inputs):
-            name = self._mod_tracker.get_known_fqn(module)
-            if module in self.memory_tracking and not self._mod_tracker.is_bw and \
-                    set(self._mod_tracker.parents) - {name} == {"Global"}:
-                del self.memory_tracking[module]
-            super()._pre_fw_hook(module, inputs)
-
-        def _update_peak_stats(self, peak_state):
-            for dev, snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < snap["Total"]:
-                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], dict(snap)
-
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            if module not in mine:
-                return 0, 0
-            for p in module.parameters():
-                if not p.requires_grad:
-                    self._param_to_grad_hook_handles.setdefault(p, (_NoHook(), _NoHook()))
-            return super()._track_module_params_and_buffers(module, install_grad_hooks)
-    return PlainTracker()
-
-
-@dataclass
-class Like:
-    """What a replayed call returns: an empty tensor of this kind."""
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
-
-
-class Recorder:
-    """Phases of one iteration: peak memory (FSDPMemTracker, restarted at each phase boundary) and the
-    Meter's counts. A phase inside another (the optimizer step inside train.update) is its own: the outer
-    one neither counts its work nor its peak. `replayed(fn)` runs fn once per input shape and replays
-    the counts for repeats."""
-
-    def __init__(self, tracker, meter, flop_counter=None, rss=False):
-        self.tracker, self.meter, self.phases, self.stack = tracker, meter, {}, []
-        self.flop_counter, self.rss = flop_counter, rss  # cross-checks on real tensors (tests/test_scale.py)
-        self.calls = {}  # label -> {input signature: counts of one call}
-
-    def _current(self):
-        snap = self.tracker.get_tracker_snapshot("current")
-        return next(iter(snap.values()), {"Total": 0})
-
-    def _fold(self):
-        """Take the tracker's peak since the last restart into the running phase, restart it at now.
-        (MemTracker keeps one running peak; its private fields are the only way to restart it.)"""
-        peak = next(iter(self.tracker.get_tracker_snapshot("peak").values()), {"Total": 0})
-        if self.stack and (self.stack[-1]["peak"] is None or peak["Total"] > self.stack[-1]["peak"]["Total"]):
-            self.stack[-1]["peak"] = peak
-        self.tracker._peak_mem_snap = self.tracker.get_tracker_snapshot("current")
-        self.tracker._peak_mem = {d: s["Total"] for d, s in self.tracker._peak_mem_snap.items()}
-
-    @contextmanager
-    def phase(self, name, scale=1.0, note=""):
-        self._fold()
-        frame = dict(peak=None, bound=0, before=Counter(self.meter.n), inner=Counter(), start=self._current()["Total"])
-        if self.flop_counter is not None:
-            frame["before"]["flop_counter"] = self.flop_counter.get_total_flops()
-        if self.rss:
-            frame["rss_start"] = _reset_peak_rss()
-        self.stack.append(frame)
-        t0 = time.time()
-        try:
-            yield
-        finally:
-            self._fold()
-            self.stack.pop()
-        now = Counter(self.meter.n)
-        if self.flop_counter is not None:
-            now["flop_counter"] = self.flop_counter.get_total_flops()
-        spent = Counter({k: v - frame["before"][k] for k, v in now.items()})
-        if self.stack:
-            self.stack[-1]["inner"].update(spent)
-        counts = {k: (v - frame["inner"][k]) * scale for k, v in spent.items()}
-        peak = {str(getattr(k, "value", k)): v for k, v in frame["peak"].items()}
-        if frame["bound"] > peak["Total"]:  # a replayed call on a higher base than when it ran
-            peak["Activation"] = peak.get("Activation", 0) + frame["bound"] - peak["Total"]
-            peak["Total"] = frame["bound"]
-        self.phases[name] = dict(peak=peak, start_bytes=frame["start"], **counts, note=note,
-                                 sim_seconds=round(time.time() - t0, 1))
-        if self.rss:  # measured: this process's resident set, its peak since the phase began
-            self.phases[name].update(rss_start=frame["rss_start"], rss_peak=_proc_status("VmHWM"))
-
-    def wrap(self, name, fn, **kw):
-        def wrapped(*a, **k):
-            with self.phase(name, **kw):
-                return fn(*a, **k)
-        return wrapped
-
-    def replayed(self, fn, key, label, replay=True):
-        memo = self.calls.setdefault(label, {})
-
-        def call(*a, **k):
-            sig = key(*a, **k)
-            if replay and sig in memo:
-                counts, excess, like = memo[sig]
-                # a repeat under train.Gathered finds the parameters resident: no collective
-                self.meter.n.update({k: v for k, v in counts.items() if not k.startswith("comm_")})
-                self.stack[-1]["bound"] = max(self.stack[-1]["bound"], self._current()["Total"] + excess)
-                return tree_map(lambda s: torch.empty(s.shape, dtype=s.dtype, device=s.device)
-                                if isinstance(s, Like) else s, like)
-            self._fold()
-            start, before = self._current()["Total"], Counter(self.meter.n)
-            out = fn(*a, **k)
-            peak = self.tracker.get_tracker_snapshot("peak")
-            excess = next(iter(peak.values()), {"Total": start})["Total"] - start
-            like = tree_map(lambda t: Like(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else t, out)
-            memo.setdefault(sig, ({k: v - before[k] for k, v in self.meter.n.items()}, excess, like))
-            return out
-        return call
-
-
-# ------------------------------------------------------------------------------------------------
-# One rank of one iteration
-# ------------------------------------------------------------------------------------------------
-class Caller(torch.nn.Module):
-    """Calls the FSDP root from outside it: FSDPMemTracker refuses a second call of a root module, but
-    allows a submodule called many times (the rollout calls the transformer 108 times)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *a, **k):
-        return self.model(*a, **k)
-
-
-@contextmanager
-def checks_pass():
-    """Fake tensors hold no values, so a check on them cannot be evaluated. train.all_true (every rank
-    finite?): run its collective, answer True. torchvision's normalize refuses std == 0 with
-    (std == 0).any(), which Meter answers True: the same arithmetic without the check."""
-    import torchvision.transforms.functional as TF
-    import train
-    orig_all_true, orig_normalize = train.all_true, TF.normalize
-    train.all_true = lambda flag: orig_all_true(flag) or True
-    TF.normalize = lambda x, mean, std: (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
-    try:
-        yield
-    finally:
-        train.all_true, TF.normalize = orig_all_true, orig_normalize
-
-
-@contextmanager
-def real_meshes():
-    """init_device_mesh reads its rank map with .tolist(): build meshes outside fake mode."""
-    import torch.distributed.device_mesh as dm
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    orig = dm.init_device_mesh
-
-    def init(*a, **k):
-        with unset_fake_temporarily():
-            return orig(*a, **k)
-    dm.init_device_mesh = init
-    try:
-        yield
-    finally:
-        dm.init_device_mesh = orig
-
-
-def build_reward(s: Setting, device):
-    """The HPS reward: rewards.clip.OpenClipReward as load_hps makes it (open_clip ViT-H-14, fp32)."""
-    import open_clip
-    from rewards.clip import OPENAI_MEAN, OPENAI_STD, OpenClipReward
-    with torch.device(device):
-        # open_clip.create_model(name) = CLIP(**its config), then .to(device), which fake parameters refuse
-        clip = open_clip.CLIP(**open_clip.get_model_config(s.reward)) if isinstance(s.reward, str) else s.reward
-    tok = open_clip.get_tokenizer(s.reward if isinstance(s.reward, str) else "ViT-B-32")
-    clip.to = lambda *a, **k: clip  # already there, in fp32; .to() cannot swap fake parameters
-    hps = OpenClipReward("hps", clip, tok, s.reward_size, OPENAI_MEAN, OPENAI_STD, "longest", "bicubic", device)
-    del clip.to
-    return hps
-
-
-class FakeWeights:
-    """FLUX.1-dev's weight files as policy.flux.load_transformer reads them (WeightFiles' .config and .read): each
-    part this rank reads is a new bf16 tensor (the released files are bf16) of its shape, random (N(0, 0.02)) so
-    that real tensors (tests/test_scale.py) compute finite numbers."""
-
-    def __init__(self, config: dict):
-        self.config = config
-
-    def read(self, items):
-        for key, index, shape in items:
-            yield key, torch.empty([i.stop - i.start for i in index], dtype=torch.bfloat16).normal_(0, 0.02)
-
-
-def build_policy(s: Setting, device):
-    """The policy as train.set_up builds it: train.load_model (the transformer on the meta device, under LoRA its
-    fp32 adapters (policy.lora.add_lora) on a bf16 base, sharded by train.shard_model (not at world size 1 under
-    LoRA), then this rank's part read from FakeWeights and cast to its dtype), and the VAE."""
-    from diffusers import AutoencoderKL
-    import train
-    from policy.flux import FluxPolicy
-    dtype = torch.bfloat16 if s.lora_rank else torch.float32
-    a = replace(train.Args(), lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, mixed_precision="bf16")
-    to = torch.nn.Module.to  # peft casts each new adapter to the base's dtype with .to(), which cannot swap tracked
-    torch.nn.Module.to = lambda self, *a, **k: self  # fake parameters: they stay fp32, as add_lora leaves them
-    try:
-        transformer = train.load_model(a, FakeWeights(s.transformer), torch.device(device), dtype).eval()
-    finally:
-        torch.nn.Module.to = to
-    with torch.device(device):
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in its dtype (.to() cannot swap tracked fake parameters)
-        try:
-            vae = AutoencoderKL(**s.vae).eval()
-        finally:
-            torch.set_default_dtype(default)
-        policy = FluxPolicy(Path(tempfile.gettempdir()) / "scale-sim", transformer, vae, s.height, s.width,
-                            s.seq_len, 3.5, device=device, dtype=dtype, embed_dtype=torch.bfloat16)
-    return policy, transformer
-
-
-def encode(s: Setting, device, dtype=torch.float32):
-    """The prompt encoding as policy.flux.FluxPolicy.encode_prompts runs it (T5-XXL and CLIP-L in the policy's
-    dtype, batch 1, then freed) -> the stored Cond in bf16. In bf16 T5's `wo` layers stay fp32, as from_pretrained
-    keeps them."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-    from policy.flux import Cond
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built on the device in its dtype (.to() cannot swap tracked fake parameters)
-    try:
-        with torch.device(device):
-            t5 = T5EncoderModel(T5Config(**s.t5)).eval()
-            clip_text = CLIPTextModel(CLIPTextConfig(**s.clip_text)).eval()
-            for name, m in t5.named_modules():
-                if dtype != torch.float32 and name.rsplit(".", 1)[-1] in T5EncoderModel._keep_in_fp32_modules:
-                    m.weight = torch.nn.Parameter(m.weight.float(), requires_grad=m.weight.requires_grad)
-    finally:
-        torch.set_default_dtype(default)
-    with torch.no_grad():
-        seq = t5(torch.zeros(1, s.seq_len, dtype=torch.long, device=device))[0]  # (1, S, D)
-        pooled = clip_text(torch.zeros(1, 77, dtype=torch.long, device=device)).pooler_output  # (1, P)
-    del t5, clip_text
-    return Cond(seq.bfloat16(), pooled.bfloat16())
-
-
-def train_phases(rec, tracker, policy, caller, optim, sampled, A, a, device, full, checkpointing):
-    """Lines 24-26 of one iteration, each as a phase of `rec`: the per-k update (one k run, its counts x |M|, with
-    an earlier k's gradients present, unless `full`) and the one-pass update, without and with activation
-    checkpointing. Returns the per-k update's statistics."""
-    import train
-    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
-    from torch.distributed._tools.mem_tracker import _MemRefType
-    model = caller.model
-    model.train()
-    n = len(sampled.rollout.groups)
-    for ac in checkpointing:
-        if ac:
-            model.enable_gradient_checkpointing()  # what shard_model(activation_checkpointing=True) does
-        tag = " AC" if ac else ""
-        short = full or n == 1
-        if not short:  # one k, with the gradients of an earlier k present (the steady state)
-            for p in trainable(model):
-                p.grad = torch.zeros_like(p)
-                # filed as the tracker files FSDP's own gradients (a plain module's: MemTracker's)
-                kind = (p.grad._local_tensor, _FSDPRefType.SHARDED_GRAD) if hasattr(p.grad, "_local_tensor") else \
-                    (p.grad, _MemRefType.GRAD)
-                tracker._update_and_maybe_create_winfos(*kind, True)
-        step = train.clip_and_step
-        train.clip_and_step = rec.wrap(f"optimizer step{tag}", step, note="clip_grad_norm_ + AdamW")
-        try:
-            one = replace(sampled, rollout=replace(sampled.rollout, groups=sampled.rollout.groups[:1]))
-            with rec.phase(f"train per-k{tag}", scale=1 if short else n,
-                           note=f"{n} x (forward+backward, batch 1)" + ("" if short else ": 1 run, counts x n")):
-                stats = train.update(policy, caller, optim, [sampled if short else one],
-                                     [A if short else A[:1]], a, device)
-        finally:
-            train.clip_and_step = step
-        with rec.phase(f"train one-pass{tag}", note=f"1 x (forward+backward, batch {n}): train.update "
-                       "--rescore-batch 0, its optimizer step included"):
-            train.update(policy, caller, optim, [sampled], [A], replace(a, rescore_batch=0), device)
-        optim.zero_grad(set_to_none=True)
-    return stats
-
-
-def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(False, True), flop_counter=None,
-             rss=False) -> dict:
-    """One rank of one iteration, phase by phase. Needs an initialised process group (fake or real).
-    On real tensors (fake=False, tests) `flop_counter` (a FlopCounterMode, entered) and `rss` add
-    independent measurements to every phase."""
-    import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    import train
-    from advantage import mixed_advantage
-
-    device = "cpu"
-    a = replace(train.Args(), G=s.G, T=s.T, Lambda=tuple(s.Lambda), sde_steps=tuple(s.M))
-    meter = Meter()
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
-    with fake_mode, real_meshes(), checks_pass() if fake else nullcontext(), meter:
-        # load (train.load_model): each rank materialises its shard only, then reads its rows block by block
-        hps = build_reward(s, device)
-        load = MemTracker()
-        load.track_external(hps.model)
-        with load:
-            policy, model = build_policy(s, device)
-        load_peak = _peak_total(load)
-        caller = Caller(model)
-        optim = torch.optim.AdamW(trainable(model), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-        sharded = isinstance(model, FSDPModule)  # not at world size 1 under LoRA (train.shard_model)
-        if sharded:
-            tracker = FSDPMemTracker(model, optim)
-            tracker.track_external(policy.vae, hps.model, policy.img_ids)
-        else:
-            tracker = plain_tracker(model)
-            tracker.track_external(model, optim)
-        rec = Recorder(tracker, meter, flop_counter, rss)
-        with tracker:
-            # AdamW's moments exist from iteration 2 on. The first step on DTensors also fills DTensor's
-            # sharding-propagation cache, which runs each op once on global-shaped tensors: meta tensors on a
-            # GPU, but fake CPU tensors here, which the tracker would count (the full fp32 model) in a phase
-            for p in trainable(model):
-                p.grad = torch.zeros_like(p)
-            train.clip_and_step(model, optim, a, device)
-
-            with rec.phase("encode", note=f"T5-XXL + CLIP-L in {str(policy.dtype)[6:]} (the policy's dtype), batch 1"):
-                cond = encode(s, device, policy.dtype)
-            prompt = "a photo of a cat"
-            policy._store(prompt, cond)
-            hps.text_features([prompt])
-            plan = train.G2RPO(a, train.sigma_grid(a.T, a.shift).to(device))
-
-            # lines 6-20 through train.sample_prompt, phases split at the rollout, decode and reward
-            orig_rollout = plan.rollout
-            plan.rollout = rec.wrap("rollout", lambda v, *r: orig_rollout(
-                rec.replayed(v, key=lambda x, t: x.shape[0], label="transformer", replay=not full), *r),
-                note="singular_rollout under train.Gathered (parameters gathered once)")
-            policy.vae.decode = rec.replayed(policy.vae.decode, key=lambda z, **k: z.shape[0], label="vae",
-                                             replay=not full)
-            policy.decode = rec.wrap("decode", policy.decode, note="VAE fp32, 8 images per call")
-            hps.score = rec.wrap("reward", hps.score, note="HPS (ViT-H-14 fp32, 224 px), all images in one call")
-            model.eval()
-            gen = torch.Generator(device).manual_seed(0)
-            with train.Gathered(model):
-                sampled = train.sample_prompt(plan, policy, caller, [hps], prompt, policy.noise(1, generator=gen), 0, gen)
-            A = mixed_advantage(sampled.R, adv_clip=a.adv_clip)  # (|M|, G)
-            del policy.decode, hps.score  # back to the methods
-
-            # lines 24-26: per k (train.update as it is), or one pass; with and without checkpointing
-            stats = train_phases(rec, tracker, policy, caller, optim, sampled, A, a, device, full, checkpointing)
-
-            with rec.phase("checkpoint", note="get_state_dict(model, optim) as launch.checkpoints.save"):
-                msd, osd = get_state_dict(model, optim, options=checkpoints.trained_only())
-                ckpt_bytes = sum(_nbytes(t.to_local() if hasattr(t, "to_local") else t)
-                                 for t in _tensors((msd, osd)))
-    shard = sum(_nbytes(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters())
-    n_trained = sum(p.numel() for p in trainable(model))
-    full_bytes = sum(p.numel() * 2 for p in model.parameters())  # bf16 gathered
-    return dict(world=dist.get_world_size(), lora_rank=s.lora_rank, sharded=sharded, trained=n_trained,
-                phases=rec.phases, load_peak=load_peak, ckpt_bytes=ckpt_bytes,
-                param_shard_bytes=shard, params=sum(p.numel() for p in model.parameters()), bf16_bytes=full_bytes,
-                rollout_calls=sampled.rollout.calls, rollout_evals=sampled.rollout.evals, loss_ok=stats is not None,
-                images=len(s.Lambda) * len(s.M) * s.G + 1,
-                calls={label: {str(sig): c[0] for sig, c in memo.items()} for label, memo in rec.calls.items()})
-
-
-def run_world(world: int, full: bool, lora_rank: int = 0) -> dict:
-    """One process = one fake process group of `world` ranks; we are rank 0."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        return simulate(Setting(lora_rank=lora_rank), fake=True, full=full)
-    finally:
-        dist.destroy_process_group()
-
-
 def tiny_setting(size: int = 32, heads: int = 2, head_dim: int = 16) -> Setting:
     """The same classes at toy size (tests/test_scale.py): FLUX 1 + 1 blocks, VAE 2x, 2-layer encoders;
     `size` px images ((size / 4)^2 tokens), `heads` x `head_dim` transformer width."""
@@ -598,6 +92,175 @@ def tiny_setting(size: int = 32, heads: int = 2, head_dim: int = 16) -> Setting:
         clip_text=dict(vocab_size=100, hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
                        max_position_embeddings=77, projection_dim=24),
         reward=reward, reward_size=32, height=size, width=size, seq_len=16, T=4, G=2, M=(0, 1), Lambda=(1, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPUs and what we assume of them (RESERVE_GIB, NCCL buffers and fragmentation: launch/preflight.py's)
+# ------------------------------------------------------------------------------------------------
+# dense peak FLOP/s by compute dtype (H100 SXM = H200: same GH100 chip). fp32 matmuls run on the CUDA
+# cores (PyTorch leaves TF32 off for matmul); fp32 convolutions use TF32 (cuDNN's default is on).
+PEAK = {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}
+GPUS = {"H100": dict(bw=3.35e12, mem_gib=78.0), "H200": dict(bw=4.8e12, mem_gib=139.0)}  # usable after CUDA context
+MFU = 0.40  # share of peak that large bf16 matmuls and flash attention reach in practice (FSDP trainers report 35-50 %)
+BW_EFF = 0.70  # share of HBM bandwidth that elementwise kernels reach
+NVLINK = 300e9  # bytes/s per GPU that an intra-node ring all-gather / reduce-scatter reaches (NVLink 4: 450 GB/s/dir)
+IB = 40e9  # bytes/s per GPU across nodes (one 400 Gb/s NIC per GPU, ~80 %)
+DISK = 2e9  # bytes/s per GPU written by a checkpoint (shared file system)
+
+
+# ------------------------------------------------------------------------------------------------
+# One rank of one iteration
+# ------------------------------------------------------------------------------------------------
+def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(False, True), flop_counter=None,
+             rss=False) -> dict:
+    """One rank of one iteration, phase by phase. Needs an initialised process group (fake or real).
+    On real tensors (fake=False, tests) `flop_counter` (a FlopCounterMode, entered) and `rss` add
+    independent measurements to every phase."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import train
+    from launch.collectives import all_true
+    a = replace(train.Args(), G=s.G, T=s.T, Lambda=tuple(s.Lambda), sde_steps=tuple(s.M))
+    meter = measure.Meter(PEAK, GPUS, MFU, BW_EFF)
+    # a fake tensor holds no value: train.clip_and_step's check that the gradient norm is finite on every rank runs
+    # its collective and is answered True
+    agree = (lambda flag: all_true(flag) or True) if fake else all_true
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext(), measure.real_meshes(), meter:
+        hps, policy, model, load_peak = load(s)
+        optim = torch.optim.AdamW(trainable(model), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        rec = measure.Recorder(track(model, optim, policy, hps), meter, flop_counter, rss)
+        r = iteration(s, a, rec, hps, policy, model, optim, partial(train.clip_and_step, agree=agree), full,
+                      checkpointing)
+    shard = sum(measure.nbytes(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters())
+    return dict(world=dist.get_world_size(), lora_rank=s.lora_rank, **r, load_peak=load_peak, param_shard_bytes=shard,
+                params=sum(p.numel() for p in model.parameters()),
+                bf16_bytes=sum(p.numel() * 2 for p in model.parameters()),  # gathered in bf16
+                images=len(s.Lambda) * len(s.M) * s.G + 1)
+
+
+def load(s: Setting, device="cpu"):
+    """Lines 1-2 as train.set_up: the HPS reward, then the policy (train.load_model: each rank materialises its shard
+    only, then reads its rows block by block), tracked -> (reward, policy, transformer, the load's peak bytes)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    hps = measure.build_reward(s, device)
+    load = MemTracker()
+    load.track_external(hps.model)
+    with load:
+        policy, model = measure.build_policy(s, device)
+    return hps, policy, model, measure.peak_total(load)
+
+
+def track(model, optim, policy, hps):
+    """The iteration's memory tracker: FSDPMemTracker, or for a plain module (world size 1 under LoRA,
+    train.shard_model) measure.plain_tracker."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        tracker = FSDPMemTracker(model, optim)
+        tracker.track_external(policy.vae, hps.model, policy.img_ids)
+    else:
+        tracker = measure.plain_tracker(model)
+        tracker.track_external(model, optim)
+    return tracker
+
+
+def iteration(s: Setting, a, rec, hps, policy, model, optim, step, full: bool, checkpointing, device="cpu") -> dict:
+    """The encoding, lines 6-20 (sample), lines 24-26 (train_phases; `step`: line 26) and a checkpoint's state dict,
+    each a phase of `rec`."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    caller = measure.Caller(model)
+    with rec.tracker:
+        # AdamW's moments exist from iteration 2 on. The first step on DTensors also fills DTensor's
+        # sharding-propagation cache, which runs each op once on global-shaped tensors: meta tensors on a
+        # GPU, but fake CPU tensors here, which the tracker would count (the full fp32 model) in a phase
+        for p in trainable(model):
+            p.grad = torch.zeros_like(p)
+        step(model, optim, a.max_grad_norm)
+        with rec.phase("encode", note=f"T5-XXL + CLIP-L in {str(policy.dtype)[6:]} (the policy's dtype), batch 1"):
+            cond = measure.encode(s, device, policy.dtype)
+        sampled, A = sample(rec, policy, caller, hps, cond, a, full, device)
+        stats = train_phases(rec, policy, caller, optim, sampled, A, a, step, full, checkpointing)
+        with rec.phase("checkpoint", note="get_state_dict(model, optim) as launch.checkpoints.save"):
+            msd, osd = get_state_dict(model, optim, options=checkpoints.trained_only())
+            ckpt_bytes = sum(measure.nbytes(t.to_local() if hasattr(t, "to_local") else t)
+                             for t in measure.tensors((msd, osd)))
+    return dict(sharded=isinstance(model, FSDPModule), trained=sum(p.numel() for p in trainable(model)),
+                phases=rec.phases, ckpt_bytes=ckpt_bytes, rollout_calls=sampled.rollout.calls,
+                rollout_evals=sampled.rollout.evals, loss_ok=stats is not None,
+                calls={label: {str(sig): c[0] for sig, c in memo.items()} for label, memo in rec.calls.items()})
+
+
+def sample(rec, policy, caller, hps, cond, a, full: bool, device):
+    """Lines 6-20 through train.sample_prompt under train.Gathered, for one prompt. It is handed the plan, the policy
+    and the reward with their rollout, decode and score as phases of `rec`, and the prompt's encoding (`cond`: the
+    policy's prompt cache holds what its own encoders made). The transformer's and the VAE's calls are replayed per
+    batch size (`full`: all run) -> (train.Sampled, its advantages)."""
+    import train
+    from advantage import mixed_advantage
+    from sde import sigma_grid
+    prompt = "a photo of a cat"
+    hps.text_features([prompt])
+    plan = train.make_plan(a, sigma_grid(a.T, a.shift).to(device))
+    velocity = partial(rec.replayed, key=lambda x, t: x.shape[0], label="transformer", replay=not full)
+    rollout = rec.wrap("rollout", lambda v, *r: plan.rollout(velocity(v), *r),
+                       note="singular_rollout under train.Gathered (parameters gathered once)")
+    decode = rec.wrap("decode", policy.decode, note="VAE fp32, 8 images per call")
+    score = rec.wrap("reward", hps.score, note="HPS (ViT-H-14 fp32, 224 px), all images in one call")
+    policy.vae.decode = rec.replayed(policy.vae.decode, key=lambda z, **k: z.shape[0], label="vae", replay=not full)
+    caller.model.eval()
+    gen = torch.Generator(device).manual_seed(0)
+    with train.Gathered(caller.model):
+        sampled = train.sample_prompt(measure.Handed(plan, rollout=rollout),
+                                      measure.Handed(policy, decode=decode, embed=lambda p: cond), caller,
+                                      [measure.Handed(hps, score=score)], prompt, 0, gen)
+    del policy.vae.decode  # the simulation's own VAE: its decode replayed for the rollout's images only
+    return sampled, mixed_advantage(sampled.R, adv_clip=a.adv_clip)  # (|M|, G)
+
+
+def train_phases(rec, policy, caller, optim, sampled, A, a, step, full: bool, checkpointing):
+    """Lines 24-26 of one iteration, each as a phase of `rec`: the per-k update (one k run, its counts x |M|, with
+    an earlier k's gradients present, unless `full`) and the one-pass update, without and with activation
+    checkpointing; the per-k update's optimizer `step` is a phase of its own. Returns the per-k update's statistics."""
+    import train
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+    from torch.distributed._tools.mem_tracker import _MemRefType
+    model = caller.model
+    model.train()
+    n = len(sampled.rollout.groups)
+    for ac in checkpointing:
+        if ac:
+            model.enable_gradient_checkpointing()  # what shard_model(activation_checkpointing=True) does
+        tag = " AC" if ac else ""
+        short = full or n == 1
+        if not short:  # one k, with the gradients of an earlier k present (the steady state)
+            for p in trainable(model):
+                p.grad = torch.zeros_like(p)
+                # filed as the tracker files FSDP's own gradients (a plain module's: MemTracker's)
+                kind = (p.grad._local_tensor, _FSDPRefType.SHARDED_GRAD) if hasattr(p.grad, "_local_tensor") else \
+                    (p.grad, _MemRefType.GRAD)
+                rec.tracker._update_and_maybe_create_winfos(*kind, True)
+        one = replace(sampled, rollout=replace(sampled.rollout, groups=sampled.rollout.groups[:1]))
+        with rec.phase(f"train per-k{tag}", scale=1 if short else n,
+                       note=f"{n} x (forward+backward, batch 1)" + ("" if short else ": 1 run, counts x n")):
+            stats = train.update(policy, caller, optim, [sampled if short else one], [A if short else A[:1]], a,
+                                 step=rec.wrap(f"optimizer step{tag}", step, note="clip_grad_norm_ + AdamW"))
+        with rec.phase(f"train one-pass{tag}", note=f"1 x (forward+backward, batch {n}): train.update "
+                       "--rescore-batch 0, its optimizer step included"):
+            train.update(policy, caller, optim, [sampled], [A], replace(a, rescore_batch=0), step=step)
+        optim.zero_grad(set_to_none=True)
+    return stats
+
+
+def run_world(world: int, full: bool, lora_rank: int = 0) -> dict:
+    """One process = one fake process group of `world` ranks; we are rank 0."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        return simulate(Setting(lora_rank=lora_rank), fake=True, full=full)
+    finally:
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,11 +64,10 @@ def init(device_pref: str = "", timeout_min: float = DEFAULT_TIMEOUT_MIN, who: s
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if world > 1 or group_of_one:
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(29500 + os.getpid() % 1000))
+        # a world of one without torchrun: an in-process store, so no port is taken (two such runs never collide)
+        alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min),
-                                device_id=device if use_cuda else None)
+                                device_id=device if use_cuda else None, **alone)
     return rank, world, device
 
 

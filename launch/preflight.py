@@ -37,9 +37,10 @@ calibrated. The --algo baselines (trajectory=True) reuse G2RPO's constants with 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 GiB = 2**30
-RESERVE_GIB = 4.0  # bench/scale.py's RESERVE_GIB: NCCL buffers and allocator fragmentation, beyond the tensors
+RESERVE_GIB = 4.0  # NCCL buffers and allocator fragmentation, beyond the tensors (bench/scale.py's verdicts too)
 
 # ------------------------------------------------------------------------------------------------
 # Activation constants, in units of rows x tokens x hidden x element size (bf16: 2 bytes). Evidence: the
@@ -74,13 +75,25 @@ REWARD_C = 12.45  # a ViT reward's activations per image, in elements of tokens 
 #                   257 tokens x 1280) on the 289 images of one prompt, 4.41 GiB above the reward phase's start
 
 # ------------------------------------------------------------------------------------------------
-# The models around the transformer (parameter counts of the released configs, checked on the meta device by
-# tests/test_preflight.py where the classes are at hand)
+# The released models: their configs (diffusers / transformers / open_clip config.json of black-forest-labs/FLUX.1-dev
+# and its encoders; bench/scale.py builds them on fake tensors) and the parameter counts of the models around the
+# transformer (checked against those configs on the meta device by tests/test_preflight.py)
 # ------------------------------------------------------------------------------------------------
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768)
 FLUX_VAE_PARAMS = 83_819_683  # AutoencoderKL of FLUX.1-dev (encoder + decoder; train.py loads both)
 T5_XXL_PARAMS, CLIP_L_PARAMS = 4_762_310_656, 123_060_480  # text_encoder_2 (T5 encoder), text_encoder (CLIP-L)
-T5_XXL = dict(heads=64, d_ff=10240)  # for the encoding's activations
-T5_XXL_FP32_PARAMS = 24 * 10240 * 4096  # its `wo` layers, which from_pretrained keeps in fp32 when loading in bf16
+# T5's `wo` layers, which from_pretrained keeps in fp32 when loading in bf16
+T5_XXL_FP32_PARAMS = T5_XXL["num_layers"] * T5_XXL["d_ff"] * T5_XXL["d_model"]
 # reward name -> (parameters, bytes per parameter on the GPU, ViT tokens x width per image; 0: not a ViT, none)
 REWARD_MODELS = {
     "hps": (986_109_441, 4, 257 * 1280),  # open_clip ViT-H-14, fp32, 224 px
@@ -219,100 +232,130 @@ def estimate(cfg: dict, world: int = 1, replicas: int = 1, lora_rank: int = 0, l
     train.shard_model (none at world size 1 under LoRA or fp32). trajectory: the --algo baselines (G + 1 rows per
     rollout call, G rows per trained step) instead of G2RPO."""
     inputs = {k: v for k, v in locals().items() if k != "cfg"}
+    x = SimpleNamespace(**inputs)
+    m = _held(cfg, x)
+    z = _sizes(cfg, x, m)
+    base, around, results = {m.w_name: m.weights, "AdamW": m.adamw}, z.around, z.results
+    ph = {"load": {**_loading(x, m), **around}, "encode": {**base, **around, **_encoding(x, m)}}
+    ph.update({p: {**base, **around, **m.gathered, **results, **c} for p, c in _sampling(x, m, z).items()})
+    train, rows = _training(cfg, x, m, z)
+    ph["training"] = {**base, **around, **results, **train}
+    largest = max(m.D * 4 * m.D, m.D * 5 * m.D) if not lora_rank else 0  # AdamW's foreach temporaries: 3 tensors
+    ph["optimizer step"] = {**base, **around, **results, "gradients": m.grads, "temporaries": 3 * largest * 4 / m.shards}
+    phases = {p: {k: int(v) for k, v in c.items() if v} for p, c in ph.items()}
+    derived = dict(gathered_copy=m.gathered_copy, mode=m.mode, rows=rows, widest=z.widest, tokens=z.tokens,
+                   params=m.P["total"], trained=m.trained)
+    return Estimate(phases, dict(cfg), inputs, derived)
+
+
+def _held(cfg: dict, x) -> SimpleNamespace:
+    """What the rank holds of the transformer (estimate()'s settings `x`): its share of the weights, gradients and
+    AdamW's moments, the gathered compute copy (or none: the plain module), the compute element size `e`, and which
+    activation constants apply (`mode`)."""
     D, _ = _dims(cfg)
-    n_double, n_single = cfg.get("num_layers", 19), cfg.get("num_single_layers", 38)
-    c_in = cfg.get("in_channels", 64)
-    shards = max(1, world // max(1, replicas))
-    bf16 = mixed_precision == "bf16"
+    bf16 = x.mixed_precision == "bf16"
     e = 2 if bf16 else 4  # compute element size
     P = transformer_params(cfg)
-    L = lora_params(cfg, lora_rank, lora_targets) if lora_rank else {"double": 0, "single": 0, "root": 0, "total": 0}
-    trained = L["total"] if lora_rank else P["total"]
+    L = lora_params(cfg, x.lora_rank, x.lora_targets) if x.lora_rank else {"double": 0, "single": 0, "root": 0,
+                                                                           "total": 0}
+    trained = L["total"] if x.lora_rank else P["total"]
+    shards = max(1, x.world // max(1, x.replicas))
+    gathered_copy = x.gathered_copy
     if gathered_copy is None:
-        gathered_copy = not (world == 1 and (lora_rank or not bf16))
-    base_bytes = 2 if (lora_rank and bf16) else 4  # a frozen base is held in the compute dtype
-    w_name = "bf16 base + fp32 adapters" if lora_rank and bf16 else "fp32 weights" if not lora_rank else "weights"
-    weights = (P["total"] * base_bytes + L["total"] * 4) / shards
-    grads, adamw = trained * 4 / shards, trained * 8 / shards
+        gathered_copy = not (x.world == 1 and (x.lora_rank or not bf16))
+    base_bytes = 2 if (x.lora_rank and bf16) else 4  # a frozen base is held in the compute dtype
+    w_name = "bf16 base + fp32 adapters" if x.lora_rank and bf16 else "fp32 weights" if not x.lora_rank else "weights"
     whole = (P["total"] + L["total"]) * e  # the compute copy
-    gathered = {f"gathered {'bf16' if bf16 else 'fp32'} copy": whole} if gathered_copy else {}
-
-    img_tokens = (height // (2 * vae_factor)) * (width // (2 * vae_factor))
-    tokens = img_tokens + seq_len
-    unit = tokens * D * e  # one row's unit
-    io = C_IO * img_tokens * c_in * 4  # per row
-
-    # the models around the transformer
-    rewards = [REWARD_MODELS[r] if isinstance(r, str) else tuple(r[1:]) for r in reward_models]
-    reward_bytes = sum(n * b for n, b, _ in rewards)
-    vae_dtype = 2 if lora_rank and bf16 else 4  # the policy's dtype (train.set_up: base_dtype)
-    around = {"VAE": vae_params * vae_dtype, "reward models": reward_bytes}
-
-    # the rollout: one prompt at a time; results kept until the update
-    S = len(M)
-    widest = (G + 1) if trajectory else rollout_rows(T, M, G, Lambda)
-    states = (T + 1 + S * (1 + G + len(Lambda) * G)) if not trajectory else (T + 1) * (G + 1) + S * G
-    results = {"rollout results": states * img_tokens * c_in * 4 * prompts_per_rank}
-    images = len(Lambda) * S * G + 1 if not trajectory else G + 1
-    image_bytes = images * 3 * height * width * 4  # one prompt's, decoded, fp32 (scored, then freed)
-
-    # training: rows per pass
-    group_rows = G if trajectory else 1
-    groups = S * prompts_per_rank
-    rows = min(rescore_batch or groups, groups) * group_rows
-    adapters_default = lora_rank and set(lora_targets) == set(LORA_TARGETS)  # else: full fine-tuning's constants
-    mode = ("lora plain" if not gathered_copy else "lora") if adapters_default else "full"
-    c_roll, c_d, c_s, c_temp, c_rec, fixed = MODES[mode]
+    adapters_default = x.lora_rank and set(x.lora_targets) == set(LORA_TARGETS)  # else: full fine-tuning's constants
     block = {"double": (P["double"] + L["double"]), "single": (P["single"] + L["single"])}
-    biggest = max(block.values()) if n_double or n_single else 0
-    root_e = (P["root"] + L["root"]) * e
-    if activation_checkpointing:
-        acts = rows * (unit * ((n_double + n_single) * C_INPUT + c_rec) + io) + fixed * D * D
-        # FSDP: the root and a block gathered, the next prefetched, a block's fp32 gradients to reduce-scatter
-        fsdp = root_e + biggest * e + (0 if lora_rank else biggest * e + biggest * 4)
-    else:
-        acts = rows * (unit * (n_double * c_d + n_single * c_s + c_temp) + io)
-        single = block["single"] if n_single else block["double"]  # the backward starts in the last single block
-        fsdp = root_e + single * e + (0 if lora_rank else single * e + single * 4)
-    if not gathered_copy:
-        fsdp = 0.0  # a plain module: nothing gathered, nothing reduce-scattered
-    one_pass_grads = (rescore_batch == 0 or rescore_batch >= groups)  # no gradient before the pass
-    train_grads = grads if (activation_checkpointing or not one_pass_grads) else 0.0
-    if not activation_checkpointing and one_pass_grads:
-        # the end of the backward holds every gradient and few activations: whichever is larger
-        train_grads, acts = (grads, 0.0) if grads > acts else (0.0, acts)
+    n_double, n_single = cfg.get("num_layers", 19), cfg.get("num_single_layers", 38)
+    return SimpleNamespace(
+        D=D, bf16=bf16, e=e, P=P, L=L, trained=trained, shards=shards, gathered_copy=gathered_copy,
+        base_bytes=base_bytes, w_name=w_name, weights=(P["total"] * base_bytes + L["total"] * 4) / shards,
+        grads=trained * 4 / shards, adamw=trained * 8 / shards,
+        gathered={f"gathered {'bf16' if bf16 else 'fp32'} copy": whole} if gathered_copy else {},
+        mode=("lora plain" if not gathered_copy else "lora") if adapters_default else "full",
+        vae_dtype=2 if x.lora_rank and bf16 else 4,  # the policy's dtype (train.set_up: base_dtype)
+        n_double=n_double, n_single=n_single, block=block,
+        biggest=max(block.values()) if n_double or n_single else 0)
 
-    base = {w_name: weights, "AdamW": adamw}
-    ph = {}
-    load = {w_name: weights}
-    if loads_whole_model:
-        load = {"whole transformer": P["total"] * base_bytes + L["total"] * 4,
-                "sharding (one block)": biggest * base_bytes / shards}
-    else:  # train.load_model: the shard, filled tensor by tensor (the largest: 4 D x D): the rows read (bf16), their
-        # cast to fp32 and the next rows read, 9 bytes per parameter (3 without the cast: a bf16 base); simulated
-        load["reading"] = (9 if base_bytes == 4 else 3) * 4 * D * D / shards
-    ph["load"] = {**load, **around}
-    # the prompts' encoding (set_up, before the first iteration; with AdamW's moments when resumed): T5's attention
-    # scores and probabilities (heads x S^2) and its gated feed-forward (3 d_ff) per token, per prompt of a batch
-    # (the encoders in the policy's dtype, as FluxPolicy.encode_prompts loads them; T5's `wo` stays fp32)
-    enc_acts = encode_batch * seq_len * (T5_XXL["heads"] * seq_len * 2 + T5_XXL["d_ff"] * 3) * vae_dtype
-    encoders = text_encoder_params * vae_dtype + (T5_XXL_FP32_PARAMS * 2 if vae_dtype == 2 and text_encoder_params
-                                                  else 0)
-    ph["encode"] = {**base, **around, "text encoders": encoders, "activations": enc_acts}
-    ph["rollout"] = {**base, **around, **gathered, **results, "activations": widest * (c_roll * unit + io)}
-    vae_act = (min(8, images) * height * width * vae_channels * VAE_C * vae_dtype) if vae_factor > 1 else 0
+
+def _sizes(cfg: dict, x, m) -> SimpleNamespace:
+    """Tokens and one row's activation unit, the models around the transformer, the rollout's widest call, its
+    results (kept until the update) and one prompt's decoded images."""
+    img_tokens = (x.height // (2 * x.vae_factor)) * (x.width // (2 * x.vae_factor))
+    tokens = img_tokens + x.seq_len
+    c_in = cfg.get("in_channels", 64)
+    rewards = [REWARD_MODELS[r] if isinstance(r, str) else tuple(r[1:]) for r in x.reward_models]
+    # the rollout: one prompt at a time; results kept until the update
+    S, G, Lambda = len(x.M), x.G, x.Lambda
+    widest = (G + 1) if x.trajectory else rollout_rows(x.T, x.M, G, Lambda)
+    states = (x.T + 1 + S * (1 + G + len(Lambda) * G)) if not x.trajectory else (x.T + 1) * (G + 1) + S * G
+    images = len(Lambda) * S * G + 1 if not x.trajectory else G + 1
+    return SimpleNamespace(
+        img_tokens=img_tokens, tokens=tokens, unit=tokens * m.D * m.e,  # one row's unit
+        io=C_IO * img_tokens * c_in * 4,  # per row
+        rewards=rewards, around={"VAE": x.vae_params * m.vae_dtype, "reward models": sum(n * b for n, b, _ in rewards)},
+        S=S, widest=widest, results={"rollout results": states * img_tokens * c_in * 4 * x.prompts_per_rank},
+        images=images, image_bytes=images * 3 * x.height * x.width * 4)  # one prompt's, decoded, fp32 (scored, freed)
+
+
+def _loading(x, m) -> dict:
+    """train.load_model: the shard, filled tensor by tensor (the largest: 4 D x D): the rows read (bf16), their cast
+    to fp32 and the next rows read, 9 bytes per parameter (3 without the cast: a bf16 base); simulated.
+    `loads_whole_model`: the whole transformer first, as from_pretrained held it before that."""
+    if x.loads_whole_model:
+        return {"whole transformer": m.P["total"] * m.base_bytes + m.L["total"] * 4,
+                "sharding (one block)": m.biggest * m.base_bytes / m.shards}
+    return {m.w_name: m.weights, "reading": (9 if m.base_bytes == 4 else 3) * 4 * m.D * m.D / m.shards}
+
+
+def _encoding(x, m) -> dict:
+    """The prompts' encoding (set_up, before the first iteration; with AdamW's moments when resumed): T5's attention
+    scores and probabilities (heads x S^2) and its gated feed-forward (3 d_ff) per token, per prompt of a batch (the
+    encoders in the policy's dtype, as FluxPolicy.encode_prompts loads them; T5's `wo` stays fp32)."""
+    enc_acts = x.encode_batch * x.seq_len * (T5_XXL["num_heads"] * x.seq_len * 2 + T5_XXL["d_ff"] * 3) * m.vae_dtype
+    encoders = x.text_encoder_params * m.vae_dtype + (T5_XXL_FP32_PARAMS * 2 if m.vae_dtype == 2 and
+                                                      x.text_encoder_params else 0)
+    return {"text encoders": encoders, "activations": enc_acts}
+
+
+def _sampling(x, m, z) -> dict:
+    """What the rollout, the decode and the reward add to the weights, the gathered copy and the results."""
+    c_roll = MODES[m.mode][0]
+    vae_act = (min(8, z.images) * x.height * x.width * x.vae_channels * VAE_C * m.vae_dtype) if x.vae_factor > 1 else 0
     # the images pile up call by call (8 at a time), then torch.cat copies them: the last call or the copy
-    ph["decode"] = {**base, **around, **gathered, **results, "images": image_bytes,
-                    "activations": max(vae_act, image_bytes)}
-    rw_act = max([images * REWARD_C * tw * 4 for _, _, tw in rewards] or [0])
-    ph["reward"] = {**base, **around, **gathered, **results, "images": image_bytes, "activations": rw_act}
-    ph["training"] = {**base, **around, **results, "gradients": train_grads, "activations": acts, "FSDP buffers": fsdp}
-    largest = max(D * 4 * D, D * 5 * D) if not lora_rank else 0  # AdamW's foreach temporaries: 3 tensors
-    ph["optimizer step"] = {**base, **around, **results, "gradients": grads, "temporaries": 3 * largest * 4 / shards}
-    phases = {p: {k: int(v) for k, v in c.items() if v} for p, c in ph.items()}
-    derived = dict(gathered_copy=gathered_copy, mode=mode, rows=rows, widest=widest, tokens=tokens, params=P["total"],
-                   trained=trained)
-    return Estimate(phases, dict(cfg), inputs, derived)
+    rw_act = max([z.images * REWARD_C * tw * 4 for _, _, tw in z.rewards] or [0])
+    return {"rollout": {"activations": z.widest * (c_roll * z.unit + z.io)},
+            "decode": {"images": z.image_bytes, "activations": max(vae_act, z.image_bytes)},
+            "reward": {"images": z.image_bytes, "activations": rw_act}}
+
+
+def _training(cfg: dict, x, m, z):
+    """The training pass (--rescore-batch, --activation-checkpointing): its gradients, activations and FSDP buffers
+    -> (those components, the rows of the pass)."""
+    group_rows = x.G if x.trajectory else 1
+    groups = z.S * x.prompts_per_rank
+    rows = min(x.rescore_batch or groups, groups) * group_rows
+    _, c_d, c_s, c_temp, c_rec, fixed = MODES[m.mode]
+    root_e = (m.P["root"] + m.L["root"]) * m.e
+    e, biggest, lora = m.e, m.biggest, x.lora_rank
+    if x.activation_checkpointing:
+        acts = rows * (z.unit * ((m.n_double + m.n_single) * C_INPUT + c_rec) + z.io) + fixed * m.D * m.D
+        # FSDP: the root and a block gathered, the next prefetched, a block's fp32 gradients to reduce-scatter
+        fsdp = root_e + biggest * e + (0 if lora else biggest * e + biggest * 4)
+    else:
+        acts = rows * (z.unit * (m.n_double * c_d + m.n_single * c_s + c_temp) + z.io)
+        single = m.block["single"] if m.n_single else m.block["double"]  # the backward starts in the last single block
+        fsdp = root_e + single * e + (0 if lora else single * e + single * 4)
+    if not m.gathered_copy:
+        fsdp = 0.0  # a plain module: nothing gathered, nothing reduce-scattered
+    one_pass_grads = (x.rescore_batch == 0 or x.rescore_batch >= groups)  # no gradient before the pass
+    train_grads = m.grads if (x.activation_checkpointing or not one_pass_grads) else 0.0
+    if not x.activation_checkpointing and one_pass_grads:
+        # the end of the backward holds every gradient and few activations: whichever is larger
+        train_grads, acts = (m.grads, 0.0) if m.grads > acts else (0.0, acts)
+    return {"gradients": train_grads, "activations": acts, "FSDP buffers": fsdp}, rows
 
 
 # ------------------------------------------------------------------------------------------------

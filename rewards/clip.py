@@ -57,7 +57,7 @@ def resize_longest_pad(x: torch.Tensor, size: int, interpolation=InterpolationMo
 
 def preprocess(x: torch.Tensor, size: int, mean, std, resize_mode: str = "shortest",
                interpolation: str = "bicubic") -> torch.Tensor:
-    """open_clip's three eval transforms on a float batch, then (x - mean) / std. (B, 3, size, size).
+    """open_clip's three eval transforms on a float batch, then normalize: (x - mean) / std. (B, 3, size, size).
     'longest' is HPS's transform above; 'shortest' resizes the short side and centre-crops (open_clip's
     default); 'squash' resizes both sides to `size` (DFN5B)."""
     mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
@@ -69,7 +69,14 @@ def preprocess(x: torch.Tensor, size: int, mean, std, resize_mode: str = "shorte
         x = TF.center_crop(TF.resize(x, size, interpolation=mode, antialias=True), [size, size])
     else:
         raise ValueError(f"resize_mode must be 'longest', 'squash' or 'shortest', got {resize_mode!r}")
-    return TF.normalize(x, list(mean), list(std))
+    return normalize(x, mean, std)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel, mean and std as (3, 1, 1) tensors of x's dtype: torchvision's normalize (the
+    same subtraction, then division: the same numbers) without its check that std != 0, a data-dependent branch
+    that fake tensors (bench/scale.py) cannot answer."""
+    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
 
 
 def _square(size) -> int:

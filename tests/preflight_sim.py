@@ -16,7 +16,7 @@ GPU would hold; bench/scale.py itself is left as it is):
      that call (the anchor's batch-1 steps) adds a second time: at FLUX.1-dev scale bench/scale.py's rollout shows
      22.7 GiB of activations (22.2 of them the bf16 model again) where its widest call (36 rows) needs 9.3.
   2. the models around the transformer: the trackers leave the VAE's and the reward model's weights out of their
-     totals (FSDPMemTracker has no kind for what track_external is given; bench.scale.plain_tracker, at world size
+     totals (FSDPMemTracker has no kind for what track_external is given; bench.measure.plain_tracker, at world size
      1 without FSDP, is not given them), and then count some of them as activations once an op makes a view of
      them (linear weights: 1.1 GiB of HPS's 3.7 GiB before the reward phase, 2.7 GiB after). Here they count in
      full, from the start, filed as "Buffer", in every tracker bench/scale.py gives anything to track.
@@ -44,18 +44,19 @@ GATHERED = ("Unsharded Param", "All Gather")  # FSDPMemTracker's kinds of gather
 
 @contextmanager
 def corrected():
-    """bench/scale.py with the two corrections of the docstring, for the duration."""
-    import scale
+    """bench/scale.py with the two corrections of the docstring, for the duration (its instruments and builders are
+    bench/measure.py's)."""
+    from bench import measure
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-    orig_replayed = scale.Recorder.replayed
+    orig_replayed = measure.Recorder.replayed
 
     def replayed(self, fn, key, label, replay=True):
         call = orig_replayed(self, fn, key, label, replay)
         memo = self.calls[label]
 
         def gathered():  # bytes of gathered parameters held now
-            return sum(v for k, v in self._current().items() if getattr(k, "value", k) in GATHERED)
+            return sum(v for k, v in self.current().items() if getattr(k, "value", k) in GATHERED)
 
         def once_gathered_is_not_a_template(*a, **k):
             sig = key(*a, **k)
@@ -91,14 +92,14 @@ def corrected():
     trackers = [(cls, *counting(cls, kind)) for cls, kind in ((MemTracker, _MemRefType.BUFFER),
                                                                (FSDPMemTracker, _FSDPRefType.BUFFER))
                 if "track_external" in cls.__dict__]  # FSDPMemTracker has its own
-    orig_reward, orig_policy = scale.build_reward, scale.build_policy
-    scale.Recorder.replayed, scale.build_reward, scale.build_policy = replayed, build_reward, build_policy
+    orig_reward, orig_policy = measure.build_reward, measure.build_policy
+    measure.Recorder.replayed, measure.build_reward, measure.build_policy = replayed, build_reward, build_policy
     for cls, _, patched in trackers:
         cls.track_external = patched
     try:
         yield
     finally:
-        scale.Recorder.replayed, scale.build_reward, scale.build_policy = orig_replayed, orig_reward, orig_policy
+        measure.Recorder.replayed, measure.build_reward, measure.build_policy = orig_replayed, orig_reward, orig_policy
         for cls, orig, _ in trackers:
             cls.track_external = orig
 
@@ -107,12 +108,13 @@ def flux_width(double: int, single: int, lora_rank: int = 0):
     """FLUX.1-dev's transformer width with `double` + `single` blocks at the paper's shapes; tiny VAE (8x, 16 latent
     channels), text encoders (at the widths the transformer reads) and reward model."""
     import scale
+    from launch.preflight import FLUX_DEV
     tiny = scale.tiny_setting()
-    return replace(tiny, transformer=dict(scale.FLUX_DEV, num_layers=double, num_single_layers=single),
+    return replace(tiny, transformer=dict(FLUX_DEV, num_layers=double, num_single_layers=single),
                    vae=dict(tiny.vae, down_block_types=["DownEncoderBlock2D"] * 4,
                             up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 4, 4, 4)),
-                   t5=dict(tiny.t5, d_model=scale.FLUX_DEV["joint_attention_dim"]),
-                   clip_text=dict(tiny.clip_text, hidden_size=scale.FLUX_DEV["pooled_projection_dim"]),
+                   t5=dict(tiny.t5, d_model=FLUX_DEV["joint_attention_dim"]),
+                   clip_text=dict(tiny.clip_text, hidden_size=FLUX_DEV["pooled_projection_dim"]),
                    height=720, width=720, seq_len=512, T=16, G=12, M=tuple(range(8)), Lambda=(1, 2, 3),
                    lora_rank=lora_rank)
 
@@ -182,7 +184,7 @@ def run(argv: list, timeout: float = 1200) -> dict:
 def code_version() -> str:
     """The last commit of the simulated code, and whether the working tree changes it."""
     git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()  # noqa
-    parts = ("bench/scale.py", "train.py", "policy")
+    parts = ("bench/scale.py", "bench/measure.py", "train.py", "policy")
     dirty = git("status", "--porcelain", "--", *parts)
     return (git("log", "-1", "--format=%h", "--", *parts) or "?") + (" + uncommitted changes" if dirty else "")
 

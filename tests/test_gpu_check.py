@@ -87,10 +87,10 @@ def test_full_model_extrapolation_is_affine_in_blocks():
 
 
 def test_rescore_batched_equals_rescore_per_k():
-    # the one-pass training forward scores the same log-probs as rollout.rescore, one k at a time (fp64 velocity;
-    # sde.log_prob averages in fp32 by design, so a batched mean may round differently from a per-k one: one
-    # float32 step, seen on a 2-core x86 CPU)
-    from rollout import rescore
+    # the one-pass training forward (rescore_groups, stacked: the train rows and Table 2's batch |M|) scores the
+    # same log-probs as rollout.rescore, one k at a time (fp64 velocity; sde.log_prob averages in fp32 by design, so
+    # a batched mean may round differently from a per-k one: one float32 step, seen on a 2-core x86 CPU)
+    from rollout import Group, rescore, rescore_groups
     from sde import sde_step, sigma_grid
     torch.manual_seed(0)
     W = torch.randn(4, 4, dtype=torch.float64) / 2
@@ -101,8 +101,8 @@ def test_rescore_batched_equals_rescore_per_k():
         x_k = torch.randn(1, 4, dtype=torch.float64)
         x_next, logp, _, _ = sde_step(x_k.expand(G, -1), v(x_k, sigmas[k:k + 1]).expand(G, -1), sigmas[k],
                                       sigmas[k + 1], gpu_check.ETA)
-        groups.append(gpu_check.Group(k=k, x_k=x_k, x_next=x_next, log_prob=logp, images={}))
-    one_pass = gpu_check.rescore_batched(v, groups, sigmas)
+        groups.append(Group(k=k, x_k=x_k, x_next=x_next, log_prob=logp, images={}))
+    one_pass = torch.stack(rescore_groups(v, groups, sigmas, gpu_check.ETA))
     per_k = torch.stack([rescore(v, g, sigmas, gpu_check.ETA) for g in groups])
     torch.testing.assert_close(one_pass, per_k, rtol=2e-7, atol=2e-7)
     torch.testing.assert_close(per_k, torch.stack([g.log_prob for g in groups]), rtol=2e-7, atol=2e-7)
@@ -120,3 +120,26 @@ def test_bad_input_is_one_line(capsys):
             gpu_check.resolve_device("cuda")
     with pytest.raises(SystemExit, match="unknown device"):
         gpu_check.resolve_device("gpu0")
+
+
+def test_cpu_attention_formulas_are_the_gpu_kernels():
+    # gpu_check counts CPU attention with its own copy of torch's formulas for the GPU kernels (a FlopCounterMode
+    # custom_mapping, public): they must stay equal to torch's
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+    for b, h, s_q, s_k, d_q, d_v in ((12, 2, 96, 96, 16, 16), (3, 24, 2537, 512, 128, 64)):
+        q, k, v, out = (b, h, s_q, d_q), (b, h, s_k, d_q), (b, h, s_k, d_v), (b, h, s_q, d_v)
+        assert gpu_check._attention(q, k, v) == sdpa_flop_count(q, k, v)
+        assert gpu_check._attention_backward(out, q, k, v) == sdpa_backward_flop_count(out, q, k, v)
+
+
+def test_live_bytes_counts_each_storage_once_until_it_is_freed():
+    live = gpu_check.LiveBytes()
+    with live:
+        x = torch.ones(1000)  # 4000 bytes
+        y = x.view(10, 100)  # the same storage
+        z = x * 2  # 8000 live
+        del x, y, z
+        w = torch.ones(500)  # 2000 live
+    assert (live.peak, live.live) == (8000, 2000)
+    del w
+    assert live.live == 0

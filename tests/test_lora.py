@@ -10,7 +10,7 @@ from diffusers import FluxTransformer2DModel
 
 import evaluate
 from policy.lora import add_lora, adapter_state, trainable
-from test_train import launch, metrics
+from test_train import launch, metrics, resumed_copy
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2"]
 CFG = dict(patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=8,
@@ -68,9 +68,10 @@ def test_lora_runs_resumes_and_exports(tiny_model, tmp_path):
     keys = FileSystemReader(str(straight / "ckpt_000002")).read_metadata().state_dict_metadata
     model_keys = [k for k in keys if k.startswith("model.")]
     assert model_keys and all(".lora_" in k for k in model_keys)
-    # resume == straight
-    launch(2, resumed, tiny_model, LORA + ["--iterations", "2", "--checkpoint-every", "2", "--no-export"])
-    launch(2, resumed, tiny_model, LORA + ["--iterations", "4", "--checkpoint-every", "2", "--resume"])
+    # resume == straight: the straight run as it stood when killed after checkpoint 2, resumed
+    resumed_copy(straight, resumed, at=2)
+    launch(2, resumed, tiny_model, LORA + ["--iterations", "4", "--checkpoint-every", "1", "--keep-checkpoints", "4",
+                                           "--resume"])
     for x, y in zip(metrics(straight), metrics(resumed), strict=True):
         assert x["anchor_reward"] == pytest.approx(y["anchor_reward"], abs=1e-6)
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)

@@ -29,11 +29,9 @@ import preflight_sim  # noqa: E402
 
 GiB = 2**30
 REFERENCE = ROOT / "tests" / "preflight_reference.json"
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))  # black-forest-labs/FLUX.1-dev transformer/config.json
+FLUX_DEV = pf.FLUX_DEV  # black-forest-labs/FLUX.1-dev transformer/config.json
 # simulated phase -> (the estimate's phase, the settings that select it)
-# (the simulation encodes one prompt: bench/scale.encode)
+# (the simulation encodes one prompt: bench/measure.encode)
 PHASES = {"encode": ("encode", dict(encode_batch=1)), "rollout": ("rollout", {}),
           "decode": ("decode", {}), "reward": ("reward", {}), "optimizer step": ("optimizer step", {}),
           "train per-k": ("training", dict(rescore_batch=1)), "train one-pass": ("training", dict(rescore_batch=0)),
@@ -85,7 +83,6 @@ def test_parameter_counts_equal_the_modules():
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     import open_clip
-    import scale
     import tiny_flux
     from policy.lora import TARGETS, add_lora
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -103,12 +100,12 @@ def test_parameter_counts_equal_the_modules():
     with torch.device("meta"):
         flux = FluxTransformer2DModel(**FLUX_DEV)
         assert pf.transformer_params(dict(flux.config))["total"] == n(flux) == 11_901_408_320
-        assert pf.FLUX_VAE_PARAMS == n(AutoencoderKL(**scale.FLUX_VAE))
-        t5 = T5EncoderModel(T5Config(**scale.T5_XXL))
+        assert pf.FLUX_VAE_PARAMS == n(AutoencoderKL(**pf.FLUX_VAE))
+        t5 = T5EncoderModel(T5Config(**pf.T5_XXL))
         assert pf.T5_XXL_PARAMS == n(t5)
         assert pf.T5_XXL_FP32_PARAMS == sum(n(m) for name, m in t5.named_modules()
                                             if name.rsplit(".", 1)[-1] in T5EncoderModel._keep_in_fp32_modules)
-        assert pf.CLIP_L_PARAMS == n(CLIPTextModel(CLIPTextConfig(**scale.CLIP_L)))
+        assert pf.CLIP_L_PARAMS == n(CLIPTextModel(CLIPTextConfig(**pf.CLIP_L)))
         assert pf.REWARD_MODELS["hps"][0] == n(open_clip.CLIP(**open_clip.get_model_config("ViT-H-14")))
     runs = json.loads(REFERENCE.read_text())["runs"]  # what the simulation built: FLUX.1-dev and its adapters
     assert runs["world8"]["params"] == 11_901_408_320

@@ -18,7 +18,8 @@ TINY = ["--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1", "2
         "--device", "cpu", "--num-samples", "2"]
 
 
-def launch(nproc, out, model, extra=(), check=True):
+def launch(nproc, out, model, extra=(), check=True, wait=True):
+    """train.py on the tiny model: one process, or torchrun with nproc ranks. wait=False: the Popen (finished())."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -26,7 +27,13 @@ def launch(nproc, out, model, extra=(), check=True):
     else:
         cmd = [sys.executable, str(ROOT / "train.py")]
     cmd += ["--model", str(model[0]), "--prompts", str(model[1]), "--out", str(out), *TINY, *extra]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return finished(proc, check) if wait else proc
+
+
+def finished(proc, check=True) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=600)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
@@ -41,12 +48,41 @@ def weights(out):
     return load_file(str(next((Path(out) / "final" / "transformer").glob("*.safetensors"))))
 
 
-def test_smoke_two_processes(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    r = launch(2, out, tiny_model, ["--iterations", "2", "--checkpoint-every", "2"])
-    assert "world size 2" in r.stdout and "model evaluations per prompt" in r.stdout
+def resumed_copy(src: Path, dst: Path, at: int) -> Path:
+    """The run folder `src` as it stood when killed right after checkpoint `at`: its later checkpoints and its export
+    gone, its logs still running ahead (a --resume cuts them back)."""
+    import shutil
+    shutil.copytree(src, dst, symlinks=True, ignore=lambda d, names: [
+        n for n in names if Path(d) == src and (n in ("final", "best") or n.startswith("ckpt_") and int(n[5:]) > at)])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    """The torchrun runs several tests read (launched once): 2 ranks x 4 iterations with a checkpoint after each and
+    the guard probing every iteration; the same killed after checkpoint 2, then resumed; 2 ranks, one pass per update
+    (--rescore-batch 0); one rank with both prompts."""
+    tmp = tmp_path_factory.mktemp("train_runs")
+    guard = ["--probe-every", "1", "--probe-prompts", str(tiny_model[1]), "--probe-seeds", "1"]
+    straight, one_pass, one = tmp / "straight", tmp / "two-one-pass", tmp / "one"
+    alone = launch(0, one, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--prompts-per-rank", "2"],
+                   wait=False)  # beside the torchrun runs (a world of one takes no port)
+    r = launch(2, straight, tiny_model, ["--iterations", "4", "--checkpoint-every", "1", "--keep-checkpoints", "4",
+                                         *guard])
+    resumed = resumed_copy(straight, tmp / "resumed", at=2)
+    launch(2, resumed, tiny_model, ["--iterations", "4", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+                                    "--resume", *guard])
+    launch(2, one_pass, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--rescore-batch", "0"])
+    finished(alone)
+    return {"straight": straight, "stdout": r.stdout, "stderr": r.stderr, "resumed": resumed, "one_pass": one_pass,
+            "one": one}
+
+
+def test_smoke_two_processes(runs, tiny_model):
+    out = runs["straight"]
+    assert "world size 2" in runs["stdout"] and "model evaluations per prompt" in runs["stdout"]
     m = metrics(out)
-    assert [x["iteration"] for x in m] == [1, 2]
+    assert [x["iteration"] for x in m] == [1, 2, 3, 4]
     for rec in m:
         for key in ("anchor_reward", "reward_per_lambda", "loss", "grad_norm", "clip_frac", "ratio_drift_mean",
                     "adv_abs_mean", "sec_rollout", "sec_train", "model_evaluations", "peak_mem_gb",
@@ -60,28 +96,34 @@ def test_smoke_two_processes(tiny_model, tmp_path):
     from diffusers import FluxPipeline, FluxTransformer2DModel
     t = FluxTransformer2DModel.from_pretrained(out / "final" / "transformer")
     pipe = FluxPipeline.from_pretrained(out / "final", transformer=t, vae=None)  # the toy has no VAE
-    assert pipe.transformer is t and (out / "samples_000000.png").exists() and (out / "samples_000002.png").exists()
+    assert pipe.transformer is t and (out / "samples_000000.png").exists() and (out / "samples_000004.png").exists()
     from policy.flux import FluxPolicy
     base, tuned = (FluxPolicy.from_pretrained(p, dtype=torch.float32) for p in (tiny_model[0], out / "final"))
     diff = [(x - y).abs().max().item() for x, y in zip(base.transformer.parameters(), tuned.transformer.parameters())]
     assert max(diff) > 0  # the export holds the trained weights, not the base ones
 
 
-def test_fsdp_two_processes_equal_one_process(tiny_model, tmp_path):
+def checkpoint_weights(ckpt: Path, model_dir: Path) -> dict:
+    """The transformer weights a train.py checkpoint holds, read as evaluate.py reads them."""
+    import evaluate
+    ref = evaluate.resolve_model(str(ckpt), str(model_dir))
+    policy = evaluate.load_policy(ref, evaluate.Args(dtype="fp32", device="cpu"), torch.device("cpu"), torch.float32,
+                                  None)
+    return policy.transformer.state_dict()
+
+
+def test_fsdp_two_processes_equal_one_process(runs, tiny_model):
     """Same two prompts: 2 ranks x 1 prompt under FSDP == 1 rank x 2 prompts; and training in one pass
     (--rescore-batch 0) == one forward/backward per k, with |M| = 2 times fewer bytes all-gathered (measured)."""
-    a, b, c = tmp_path / "two", tmp_path / "one", tmp_path / "two-one-pass"
-    launch(2, a, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--prompts-per-rank", "1"])
-    launch(0, b, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--prompts-per-rank", "2"])
-    launch(2, c, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--rescore-batch", "0"])
+    a, b, c = runs["straight"], runs["one"], runs["one_pass"]
     per_k, one_pass = metrics(a)[0]["gathered_bytes_train"], metrics(c)[0]["gathered_bytes_train"]
     assert one_pass > 0 and per_k == 2 * one_pass
-    wa, wb, wc = weights(a), weights(b), weights(c)
+    wa, wb, wc = checkpoint_weights(a / "ckpt_000001", tiny_model[0]), weights(b), weights(c)
     base = weights_of_base(tiny_model[0])
     moved = max((wb[k] - base[k]).abs().max().item() for k in wb)
     assert moved > 1e-4  # the update did something
     for other in (wb, wc):
-        diff = max((wa[k] - other[k]).abs().max().item() for k in wa)
+        diff = max((wa[k] - other[k]).abs().max().item() for k in other)
         assert diff < 1e-5 * max(1.0, moved * 100), (diff, moved)
     assert metrics(a)[0]["anchor_reward"] == pytest.approx(metrics(b)[0]["anchor_reward"], abs=1e-6)
 
@@ -91,18 +133,17 @@ def weights_of_base(model_dir):
     return load_file(str(next((Path(model_dir) / "transformer").glob("*.safetensors"))))
 
 
-def test_resume_equals_straight_run(tiny_model, tmp_path):
-    """... the reward-hacking guard's probes included: a resumed guard replays probes.jsonl."""
-    a, b = tmp_path / "straight", tmp_path / "resumed"
-    guard = ["--probe-every", "1", "--probe-prompts", str(tiny_model[1]), "--probe-seeds", "1"]
-    launch(2, a, tiny_model, ["--iterations", "4", "--checkpoint-every", "2", *guard])
-    launch(2, b, tiny_model, ["--iterations", "3", "--checkpoint-every", "2", "--no-export", *guard])
-    launch(2, b, tiny_model, ["--iterations", "4", "--checkpoint-every", "2", "--resume", *guard])
+def test_resume_equals_straight_run(runs):
+    """Killed after checkpoint 2 with its logs run ahead to 4, then resumed: the same probes (a resumed guard
+    replays probes.jsonl), metrics and weights as the straight run."""
+    a, b = runs["straight"], runs["resumed"]
     pa, pb = ([{k: v for k, v in json.loads(l).items() if k != "sec"} for l in (out / "probes.jsonl").open()]
               for out in (a, b))
-    assert [p["iteration"] for p in pb] == [0, 1, 2, 3, 4] and pa == pb  # iteration 3's first probe was cut back
+    assert [p["iteration"] for p in pb] == [0, 1, 2, 3, 4] and pa == pb  # iterations 3-4's probes were cut back
     ma, mb = metrics(a), metrics(b)
     assert [x["iteration"] for x in mb] == [1, 2, 3, 4]
+    assert [json.loads(l)["iteration"] for l in (b / "resumes.jsonl").read_text().splitlines()] == [2]
+    assert sorted(p.name for p in b.glob("ckpt_*")) == ["ckpt_000003", "ckpt_000004"]  # --keep-checkpoints 2
     for x, y in zip(ma, mb):
         assert x["anchor_reward"] == pytest.approx(y["anchor_reward"], abs=1e-6)
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
@@ -181,12 +222,23 @@ def test_non_finite_gradient_never_reaches_the_weights():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("algo", ["g2rpo-no-mgai", "dancegrpo", "flowgrpo", "mixgrpo"])
-def test_baselines_run_in_the_same_harness(tiny_model, tmp_path, algo):
-    out = tmp_path / algo
-    extra = ["--window", "2", "--sde-steps"] if algo != "g2rpo-no-mgai" else []  # baselines plan their own steps
-    r = launch(0, out, tiny_model, ["--algo", algo, "--iterations", "1", "--checkpoint-every", "0", "--no-export",
-                                    "--Lambda", "1", *extra])
+BASELINE_RUNS = ["g2rpo-no-mgai", "dancegrpo", "flowgrpo", "mixgrpo"]
+
+
+@pytest.fixture(scope="module")
+def baseline_runs(tiny_model, tmp_path_factory):
+    """One iteration of each algorithm, the four processes at once."""
+    tmp, procs = tmp_path_factory.mktemp("baselines"), {}
+    for algo in BASELINE_RUNS:
+        extra = ["--window", "2", "--sde-steps"] if algo != "g2rpo-no-mgai" else []  # baselines plan their own steps
+        procs[algo] = launch(0, tmp / algo, tiny_model, ["--algo", algo, "--iterations", "1", "--checkpoint-every",
+                                                         "0", "--no-export", "--Lambda", "1", *extra], wait=False)
+    return {algo: (tmp / algo, finished(p)) for algo, p in procs.items()}
+
+
+@pytest.mark.parametrize("algo", BASELINE_RUNS)
+def test_baselines_run_in_the_same_harness(baseline_runs, algo):
+    out, r = baseline_runs[algo]
     images = {"g2rpo-no-mgai": "images scored/iteration 6 ", "mixgrpo": "2 forward/backward of batch 3"}
     assert images.get(algo, "4 forward/backward of batch 3" if algo == "flowgrpo" else "of batch 3") in r.stdout
     rec = metrics(out)[0]
@@ -230,28 +282,30 @@ def test_model_must_be_a_model_folder(tmp_path):
 
 
 def test_the_run_folder_has_one_owner(tiny_model, tmp_path):
+    """A run's folder is refused to a second run (checked before any work: nothing in it changes), to a --resume
+    with other settings, and to anyone while its lock is held; --overwrite replaces it."""
+    import fcntl
+    from launch import run_folder
     out = tmp_path / "run"
     launch(0, out, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export"])
-    before = (out / "metrics.jsonl").read_text()
-    r = launch(0, out, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export"], check=False)
-    assert r.returncode != 0 and "holds a run: --resume continues it, --overwrite replaces it" in r.stderr
-    assert (out / "metrics.jsonl").read_text() == before  # refused before touching anything
-    r = launch(0, out, tiny_model, ["--iterations", "2", "--resume", "--G", "4", "--no-export"], check=False)
-    assert r.returncode != 0 and "--resume with other settings" in r.stderr and "G 3 -> 4" in r.stderr
-    import fcntl
-    with open(out / ".lock", "a+") as held:  # another run holds the folder
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def refused(*extra):
+        a = train.parse_args(["--model", str(tiny_model[0]), "--prompts", str(tiny_model[1]), "--out", str(out),
+                              *TINY, *extra])
+        with pytest.raises(SystemExit) as e:
+            arguments.check_all(a, True)
+        return str(e.value.code)
+    assert "holds a run: --resume continues it, --overwrite replaces it" in refused("--iterations", "1")
+    said = refused("--iterations", "2", "--resume", "--G", "4")
+    assert "--resume with other settings" in said and "G 3 -> 4" in said
+    with open(out / ".lock", "a+") as held:  # another run holds the folder (flock: per open file, so in-process too)
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        r = launch(0, out, tiny_model, ["--iterations", "1", "--overwrite", "--no-export"], check=False)
-    assert r.returncode != 0 and "is in use by another run" in r.stderr and (out / "metrics.jsonl").read_text() == before
+        with pytest.raises(SystemExit, match="is in use by another run"):
+            run_folder.take_lock(out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # refused before touching anything
     launch(0, out, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export", "--overwrite"])
     assert [m["iteration"] for m in metrics(out)] == [1] and json.loads((out / "args.json").read_text())["G"] == 3
-
-
-def test_only_the_newest_checkpoints_are_kept(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    launch(0, out, tiny_model, ["--iterations", "3", "--checkpoint-every", "1", "--keep-checkpoints", "1",
-                                "--no-export"])
-    assert [p.name for p in out.glob("ckpt_*")] == ["ckpt_000003"]
 
 
 def test_a_diverged_run_stops_and_exports_nothing(tiny_model, tmp_path):
@@ -262,11 +316,10 @@ def test_a_diverged_run_stops_and_exports_nothing(tiny_model, tmp_path):
     assert not (out / "final").exists() and len(metrics(out)) < 8
 
 
-def test_one_error_message_under_torchrun_and_quiet_loading(tiny_model, tmp_path):
+def test_one_error_message_under_torchrun_and_quiet_loading(runs, tiny_model, tmp_path):
     r = launch(2, tmp_path / "bad", tiny_model, ["--eta", "0"], check=False)
     assert r.returncode != 0 and (r.stdout + r.stderr).count("--eta 0.0: must be > 0") == 1
-    r = launch(0, tmp_path / "ok", tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export"])
-    assert "Loading weights" not in r.stderr and "returned a view tensor" not in r.stderr
+    assert "Loading weights" not in runs["stderr"] and "returned a view tensor" not in runs["stderr"]
 
 
 def test_ranks_stop_when_the_launcher_dies(tiny_model, tmp_path):
