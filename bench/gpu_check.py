@@ -2,7 +2,7 @@
 prediction on fake tensors (no GPU needed), and how far the PPO ratio drifts from 1 in bf16.
 
     python bench/gpu_check.py                                 # one GPU (~1.5 min on an H100: an estimate)
-    python bench/gpu_check.py --double 4 --single 8 --extras  # more blocks; attention backends, compile (+1 min)
+    python bench/gpu_check.py --double 4 --single 8           # more blocks
     python bench/gpu_check.py --device cpu --tiny             # same code path, tiny width: ~25 s on 2 cores
 
 The model: FLUX.1-dev's transformer config with --double 2 + --single 4 of its 19 + 38 blocks (1.3 B of its
@@ -27,8 +27,6 @@ and bf16: old log-probs from singular_rollout (--drift-G branches, the anchor's 
 from the training forward at the same weights (checkpointing on: the same arithmetic) at batch 1 (rescore per
 k) and |M| (one pass). Reported: max and mean |r - 1|, the share outside the clip range, max |v_train - v_roll|.
 
---extras: the B = 12 call under each SDPA backend (flash, efficient, cuDNN, math) and torch.compile'd (compile
-time in wall s), and B = 96 = |M| x G (--rollout-batches 1,12,36,288 reaches |M| x G x |Lambda|).
 Writes OUT/results.json and OUT/results.md (--out, default runs/gpu-check) and prints the tables.
 """
 import argparse
@@ -103,7 +101,6 @@ def parse_args(argv=None):
     p.add_argument("--efficiency", type=float, default=0.4, help="share of the peak the prediction assumes")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device (TFLOP/s) if not detected")
     p.add_argument("--no-full", action="store_true", help="skip the full-model columns (fake tensors, CPU time)")
-    p.add_argument("--extras", action="store_true", help="attention backends, torch.compile, B = 96")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/gpu-check", help="folder for results.json and results.md")
     a = p.parse_args(argv)
@@ -444,36 +441,6 @@ def recorded(v):
     return w, seen
 
 
-# ---------------------------------------------------------------- extras
-def extras(policy, cond, dev, peak, a):
-    """The B = 12 rollout call per SDPA backend and compiled (FLOPs taken from the eager call), and B = 96."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    cases = [(f"rollout B=12 sdpa {name}", 12, functools.partial(sdpa_kernel, backend), False)
-             for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                                   ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH))]
-    cases += [("rollout B=12 torch.compile", 12, nullcontext, True), ("rollout B=96 (M x G)", 96, nullcontext, False)]
-    rows, flops12 = [], None
-    for name, B, context, compile_ in cases:
-        try:
-            net = torch.compile(policy.transformer) if compile_ else None  # compiles at its first call
-            t0 = time.perf_counter()
-            call = row_call(policy, cond, "rollout", B, a.G, a.T, transformer=net, seed=a.seed)
-            with context():
-                if compile_:
-                    call()  # the first call compiles (its time is in wall s); FlopCounterMode stays out of it
-                r = {"name": name, "batch": B, **measure(call, dev, a.warmup, a.repeats, count=not compile_)}
-            r["wall_sec"] = time.perf_counter() - t0
-            r["flops"] = r["flops"] or flops12
-            flops12 = flops12 or (r["flops"] if B == 12 else None)
-            r["tflops_s"] = r["flops"] / r["sec"] / 1e12
-            r["mfu"] = r["tflops_s"] / peak if peak else None
-        except Exception as e:  # a backend that this device or these shapes do not support
-            r = {"name": name, "batch": B, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100]}"}
-        rows.append(r)
-        print(f"  {name:<26} " + (f"{1e3 * r['sec']:9.1f} ms" if "sec" in r else r["error"]), flush=True)
-    return rows
-
-
 # ---------------------------------------------------------------- report
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
@@ -506,12 +473,6 @@ def markdown(res) -> str:
         what = "batch 1 (rescore)" if d["train_batch"] == 1 else f"batch {d['train_batch']} (one pass)"
         lines.append(f"| {d['precision']} | {what} | {d['ratio_drift_max']:.3g} | {d['ratio_drift_mean']:.3g} | "
                      f"{d['clip_frac']:.0%} | {d['v_max_abs_diff']:.3g} | {d['v_abs_mean']:.3g} |")
-    if res.get("extras"):
-        lines += ["", "| extra (no-grad rollout call) | ms | TFLOP/s | MFU | GiB | wall s |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['error'].replace('|', '/')} | | | | |" if "error" in r else
-                  f"| {r['name']} | {1e3 * r['sec']:.4g} | {r['tflops_s']:.3g} | {fmt(r['mfu'], '.1%')} | "
-                  f"{fmt(r['peak_gib'], '.3g')} | {r['wall_sec']:.1f} |" for r in res["extras"]]
     return "\n".join(lines) + "\n"
 
 
@@ -554,10 +515,6 @@ def main(argv=None) -> dict:
     print("gpu_check: PPO ratio drift", flush=True)
     res["drift"] = drift(policy.transformer, dev, a)
     save()
-    if a.extras:
-        print("gpu_check: extras", flush=True)
-        res["extras"] = extras(policy, cond, dev, peak, a)
-        save()
     print("\n" + markdown(res) + f"\nwritten: {out / 'results.json'}, {out / 'results.md'}")
     return res
 

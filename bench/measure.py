@@ -3,10 +3,16 @@
   Meter          per op: FLOPs (torch.utils.flop_counter's formulas), bytes read and written, the bytes of each
                  collective, and the roofline seconds on each GPU of bench/scale.py's assumptions
   Recorder       per phase of the iteration: the peak memory by kind (FSDPMemTracker, or plain_tracker for a model
-                 FSDP does not wrap) and the Meter's counts; `replayed` runs a call once per input shape
+                 FSDP does not wrap) and the Meter's counts; `wrap` makes a function a phase, `replayed` runs a call
+                 once per input shape
+  Handed         an object handed to train.py's code with some of its methods replaced (a phase, a replay)
   the objects    train.py's own, built as train.set_up builds them where fake tensors allow: the policy through
                  train.load_model from FakeWeights (policy.flux.WeightFiles' interface), the VAE, the text encoders
                  (encode) and the HPS reward (build_reward)
+
+Two things fake tensors cannot do are replaced for the duration of a call, both torch's, never this repository's:
+init_device_mesh runs outside fake mode (real_meshes: it reads its rank map with .tolist()), and nn.Module.to is a
+no-op while train.load_model adds LoRA adapters (build_policy: peft's .to() cannot swap tracked fake parameters).
 """
 import tempfile
 import time
@@ -87,8 +93,6 @@ class Meter(TorchDispatchMode):
         for gpu, spec in self.gpus.items():
             self.n[f"sec_{gpu}"] += max(flops / (self.mfu * peak), moved / (self.bw_eff * spec["bw"]))
         return out
-
-
 
 
 def peak_total(tracker) -> int:

@@ -132,10 +132,12 @@ def simulate(s: Setting, fake: bool = True, full: bool = False, checkpointing=(F
         r = iteration(s, a, rec, hps, policy, model, optim, partial(train.clip_and_step, agree=agree), full,
                       checkpointing)
     shard = sum(measure.nbytes(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters())
-    return dict(world=dist.get_world_size(), lora_rank=s.lora_rank, **r, load_peak=load_peak, param_shard_bytes=shard,
+    return dict(world=dist.get_world_size(), lora_rank=s.lora_rank, sharded=r["sharded"], trained=r["trained"],
+                phases=r["phases"], load_peak=load_peak, ckpt_bytes=r["ckpt_bytes"], param_shard_bytes=shard,
                 params=sum(p.numel() for p in model.parameters()),
                 bf16_bytes=sum(p.numel() * 2 for p in model.parameters()),  # gathered in bf16
-                images=len(s.Lambda) * len(s.M) * s.G + 1)
+                rollout_calls=r["rollout_calls"], rollout_evals=r["rollout_evals"], loss_ok=r["loss_ok"],
+                images=len(s.Lambda) * len(s.M) * s.G + 1, calls=r["calls"])
 
 
 def load(s: Setting, device="cpu"):
@@ -193,9 +195,9 @@ def iteration(s: Setting, a, rec, hps, policy, model, optim, step, full: bool, c
 
 def sample(rec, policy, caller, hps, cond, a, full: bool, device):
     """Lines 6-20 through train.sample_prompt under train.Gathered, for one prompt. It is handed the plan, the policy
-    and the reward with their rollout, decode and score as phases of `rec`, and the prompt's encoding (`cond`: the
-    policy's prompt cache holds what its own encoders made). The transformer's and the VAE's calls are replayed per
-    batch size (`full`: all run) -> (train.Sampled, its advantages)."""
+    and the reward with their rollout, decode and score as phases of `rec`, the policy's embed answering `cond` (the
+    encoding, as its prompt cache would). The transformer's and the VAE's calls are replayed per batch size (`full`:
+    all run) -> (train.Sampled, its advantages)."""
     import train
     from advantage import mixed_advantage
     from sde import sigma_grid
@@ -359,7 +361,7 @@ def analyse(r: dict, iterations: int) -> dict:
 def markdown(results: list, analyses: list, args) -> str:
     """The tables of results.md."""
     gb = lambda b: f"{b / GiB:.1f}"  # noqa: E731
-    lines = [f"# One G2RPO iteration of FLUX.1-dev, simulated (`python bench/scale.py`)", "",
+    lines = ["# One G2RPO iteration of FLUX.1-dev, simulated (`python bench/scale.py`)", "",
              f"Table 4 setting: T = 16, G = 12, M = 8 steps, Lambda = {{1, 2, 3}}, 720x720, one prompt per GPU. "
              f"Per rank; memory in GiB (FSDPMemTracker on fake tensors; without FSDP MemTracker), time = roofline "
              f"at {MFU:.0%} of dense "

@@ -241,7 +241,8 @@ def estimate(cfg: dict, world: int = 1, replicas: int = 1, lora_rank: int = 0, l
     train, rows = _training(cfg, x, m, z)
     ph["training"] = {**base, **around, **results, **train}
     largest = max(m.D * 4 * m.D, m.D * 5 * m.D) if not lora_rank else 0  # AdamW's foreach temporaries: 3 tensors
-    ph["optimizer step"] = {**base, **around, **results, "gradients": m.grads, "temporaries": 3 * largest * 4 / m.shards}
+    ph["optimizer step"] = {**base, **around, **results, "gradients": m.grads,
+                            "temporaries": 3 * largest * 4 / m.shards}
     phases = {p: {k: int(v) for k, v in c.items() if v} for p, c in ph.items()}
     derived = dict(gathered_copy=m.gathered_copy, mode=m.mode, rows=rows, widest=z.widest, tokens=z.tokens,
                    params=m.P["total"], trained=m.trained)

@@ -63,3 +63,45 @@ def test_bad_arguments_stop_before_any_work(tmp_path, argv, msg, capsys):
     with pytest.raises(SystemExit):
         algos.main(argv + ["--out", str(tmp_path / "b")])
     assert msg in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------------------ bench/scale.py
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_scale_replaces_nothing_of_this_repository_at_run_time():
+    """bench/scale.py and bench/measure.py hand train.py's code what the simulation needs as arguments
+    (train.clip_and_step's `agree`, train.update's `step`, the plan, policy and reward given to train.sample_prompt):
+    no assignment to, or deletion of, an attribute of one of this repository's modules."""
+    import ast
+    root = BENCH.parent
+    ours = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    for path in (BENCH / "scale.py", BENCH / "measure.py"):
+        tree = ast.parse(path.read_text())
+        modules = set()  # the names this file binds to modules of ours
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] in ours}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ours:
+                modules |= {a.asname or a.name for a in node.names if (root / node.module.replace(".", "/") / a.name)
+                            .with_suffix(".py").is_file()}
+        patched = []
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else \
+                [node.target] if isinstance(node, ast.AugAssign) else []
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setattr" and node.args:
+                targets = [ast.Attribute(value=node.args[0], attr="?")]
+            for t in targets:
+                while isinstance(t, ast.Attribute):
+                    t = t.value
+                    if isinstance(t, ast.Name) and t.id in modules:
+                        patched.append(f"{path.name}:{node.lineno}")
+        assert modules and not patched, patched
+
+
+@pytest.mark.parametrize("argv, msg", [(["--worlds", "8", "0"], ">= 1"), (["--iterations", "0"], ">= 1"),
+                                       (["--out", "results.txt"], "give a .md path")])
+def test_scale_refuses_bad_arguments_before_any_work(argv, msg):
+    import scale
+    with pytest.raises(SystemExit, match=msg):
+        scale.parse(argv)
