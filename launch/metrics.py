@@ -73,7 +73,7 @@ def record(it, results, As, stats, Lambda, rewards, finite, costs) -> dict:
 
 def start_log(a, plan, model, world, device, out, start, settings):
     """Rank 0: the derived numbers of this run (the mesh as FSDP2 built it, or none: shard_model); args.json (or
-    resumes.jsonl) and metrics.jsonl (trainrun)."""
+    resumes.jsonl) and metrics.jsonl (launch/run_folder.py)."""
     P, n_trained = world * a.prompts_per_rank, sum(p.numel() for p in trainable(model))
     param = next(model.parameters())
     shape = tuple(param.device_mesh.shape) if hasattr(param, "device_mesh") else ()

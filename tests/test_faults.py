@@ -102,19 +102,30 @@ def damaged_copy(straight, tmp_path, damage) -> Path:
     return run
 
 
-@pytest.mark.parametrize("damage", ["shard", "rng"])  # a damaged state.json: test_problems_verify_every_file...
-def test_a_damaged_newest_checkpoint_never_blocks_a_resume(tiny_model, straight, tmp_path, damage):
-    run = damaged_copy(straight, tmp_path, damage)
-    r = ok(train_py(tiny_model, run, "--iterations", "6", "--checkpoint-every", "2", "--keep-checkpoints", "3",
-                    "--resume"))
+DAMAGES = ["shard", "rng"]  # a damaged state.json: test_problems_verify_every_file_a_resume_reads
+
+
+@pytest.fixture(scope="module")
+def damaged_resumes(tiny_model, straight, tmp_path_factory):
+    """Each damage of DAMAGES in its own copy, resumed (side by side), then resumed once more."""
+    runs = {d: damaged_copy(straight, tmp_path_factory.mktemp(d), d) for d in DAMAGES}
+    resume = ["--iterations", "6", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--resume"]
+    first = {d: train_py(tiny_model, run, *resume, wait=False) for d, run in runs.items()}
+    first = {d: ok(done(p)) for d, p in first.items()}
+    again = {d: train_py(tiny_model, run, *resume, wait=False) for d, run in runs.items()}
+    return {d: (runs[d], first[d], ok(done(p))) for d, p in again.items()}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_never_blocks_a_resume(damaged_resumes, straight, damage):
+    run, r, again = damaged_resumes[damage]
     said = [line for line in r.stderr.splitlines() if line.startswith("train.py: ckpt_000004")]
     assert len(said) == 1 and "removed" in said[0], r.stderr[-3000:]
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp*"))
     assert [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
     assert sha256s(run / "final") == straight[1]["final"]  # resumed from ckpt_000002: equal to the straight run
     assert not (run / "final" / "transformer" / "extra.safetensors").exists()
-    r = ok(train_py(tiny_model, run, "--iterations", "6", "--resume", "--checkpoint-every", "2"))  # and again
-    assert "ckpt_000004" not in r.stderr
+    assert "ckpt_000004" not in again.stderr  # a second resume finds nothing to remove
 
 
 def test_problems_verify_every_file_a_resume_reads(straight, tmp_path):
