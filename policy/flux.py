@@ -28,6 +28,7 @@ FSDP2 each rank reads only its own shard), the text encoders through from_pretra
 """
 import gc
 import hashlib
+import io
 import json
 import re
 import warnings
@@ -249,7 +250,9 @@ class FluxPolicy:
         entry = {"fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
                  "dtype": str(self.embed_dtype), "prompt": prompt,
                  "prompt_embeds": cond.prompt_embeds, "pooled": cond.pooled}
-        atomic_write(self._path(key), lambda tmp: torch.save(entry, tmp))  # several processes may share the cache
+        data = io.BytesIO()  # saved to memory: the archive's root name is then fixed, not the temporary file's
+        torch.save(entry, data)
+        atomic_write(self._path(key), lambda tmp: tmp.write_bytes(data.getvalue()))  # several processes share it
 
 
 def fingerprint_files(roots) -> str:

@@ -72,13 +72,15 @@ def straight(tiny_model, tmp_path_factory):
                      wait=False) for name in ("straight", "again")]  # a world of one takes no port: side by side
     for r in runs:
         ok(done(r))
-    return tmp / "straight", {d: sha256s(tmp / "again" / d) for d in ("final", "ckpt_000002", "ckpt_000006")}
+    return tmp / "straight", {d: sha256s(tmp / "again" / d) for d in ("final", "ckpt_000002", "ckpt_000006",
+                                                                       "prompt_cache")}
 
 
 def test_the_same_run_writes_the_same_bytes(straight):
     out, again = straight
     for d, sums in again.items():
-        assert sums and sha256s(out / d) == sums, d  # the export, the checkpoints' shards, metadata, RNG and state
+        assert sums and sha256s(out / d) == sums, d  # the export, the checkpoints (shards, metadata, RNG, state),
+        # the prompt cache
 
 
 def damaged_copy(straight, tmp_path, damage) -> Path:
