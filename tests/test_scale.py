@@ -2,7 +2,7 @@
 
 One iteration at world size 2 is run three times, at once: simulated (fake tensors, fake process group),
 and for real (2 gloo processes on the CPU). Per phase:
-  (a) FLOPs: the simulation's count (bench.scale.Meter on fake tensors) equals torch's FlopCounterMode on
+  (a) FLOPs: the simulation's count (bench.measure.Meter on fake tensors) equals torch's FlopCounterMode on
       the real run, exactly: the same ops with the same shapes;
   (b) memory, without activation checkpointing: the simulated peak equals what FSDPMemTracker measures on
       the real tensors within 1 % (the same tensors exist; measured: 0.15 %). The process's resident set

@@ -9,7 +9,7 @@ import torch
 
 import train
 from launch.preflight import will_it_fit
-from bench.scale import FLUX_DEV, FLUX_VAE
+from launch.preflight import FLUX_DEV, FLUX_VAE
 
 
 @pytest.fixture()
