@@ -29,3 +29,23 @@ def one_rank_group(tmp_path):
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it): for a torchrun or a process group of a test, so that tests
+    running side by side (pytest -n) never share one."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The test files that take longest (real train.py runs), started first: `make test` runs files side by side
+# (pytest -n auto --dist loadfile), and a long file started last would leave the other cores idle at the end.
+LONGEST_FIRST = ("test_train.py", "test_faults.py", "test_lora.py", "test_scale.py", "test_preflight.py",
+                 "test_gpu_smoke.py", "test_evaluate.py", "test_guard.py", "test_gpu_check.py", "test_evaluate_faults.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, its own order

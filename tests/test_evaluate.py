@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 import evaluate  # noqa: E402
 import toy  # noqa: E402
 from report import tables  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = toy.ToyConfig(steps=3, batch=8, heads=2, double_blocks=1, single_blocks=1)
@@ -69,7 +70,7 @@ def same_run(a, b):
 # ---------------------------------------------------------------- world sizes
 def test_same_images_on_one_and_two_processes(world, reference, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + os.getpid() % 300), str(ROOT / "evaluate.py"), *base_argv(world, tmp_path)]
+           str(free_port()), str(ROOT / "evaluate.py"), *base_argv(world, tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "world size 2" in r.stdout and "10 images sampled" in r.stdout

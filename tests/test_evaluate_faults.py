@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 from policy.flux import folder_problem, safetensors_problem  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -184,7 +185,7 @@ def test_a_non_finite_sample_on_one_rank_stops_both(tiny_model, tmp_path):
         "evaluate.sample = sample\nevaluate.main(sys.argv[1:])\n")
     logs = tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29300 + os.getpid() % 300), "--log-dir", str(logs), "--redirects", "3", str(script),
+           str(free_port()), "--log-dir", str(logs), "--redirects", "3", str(script),
            *argv(model, prompts, tmp_path / "eval")]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0

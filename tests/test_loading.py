@@ -19,6 +19,7 @@ from diffusers import FluxTransformer2DModel
 from policy.flux import FluxPolicy, WeightFiles, load_transformer
 from policy.lora import add_lora
 from tiny_flux import save_tiny_flux
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # 2 double + 8 single blocks at width 512: 57 M parameters, 227 MB in fp32; the largest block 38 MB
@@ -88,7 +89,7 @@ def test_each_rank_holds_its_shard_not_the_whole_model(tmp_path):
     FluxTransformer2DModel(**WIDE).save_pretrained(tmp_path / "transformer")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT),
            "MALLOC_MMAP_THRESHOLD_": "65536",  # large blocks straight from and back to the kernel: RSS follows them
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29300 + os.getpid() % 2000)}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     cmd = [sys.executable, __file__, str(tmp_path / "transformer"), str(tmp_path / "rank{rank}.json")]
     procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE)
              for r in (0, 1)]

@@ -15,6 +15,7 @@ from data.prompts import encoding_share
 from launch import run_folder
 from report.files import atomic_write
 from test_train import TINY
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_two_nodes_with_their_own_out_are_stopped_before_any_work(tiny_model, tmp_path):
     """Two torchrun 'nodes' (one process each) whose relative --out resolves to a folder of their own, as on
     node-local disks: both stop in one line, before the model is loaded or anything is written."""
-    port = str(29300 + os.getpid() % 300)
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "G2RPO_SHARED_CHECK_SECONDS": "2"}
     procs = []
     for node in (0, 1):

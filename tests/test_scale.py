@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = ("encode", "rollout", "decode", "reward", "train per-k", "optimizer step", "train one-pass")
@@ -56,7 +57,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "MALLOC_MMAP_THRESHOLD_": "65536",  # large blocks straight from and back to the kernel: RSS follows them
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 2000), "WORLD_SIZE": "2"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     cmd = [sys.executable, __file__]
     procs = [subprocess.Popen(cmd + ["fake", str(tmp / "fake.json")], env=env, stderr=subprocess.PIPE)]
     procs += [subprocess.Popen(cmd + ["real", str(tmp / "real.json")], stderr=subprocess.PIPE,

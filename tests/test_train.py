@@ -11,6 +11,7 @@ import torch
 
 import train
 from launch import arguments
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--reward", "toy-adherence", "--G", "3", "--T", "4", "--Lambda", "1", "2", "--sde-steps", "0", "1",
@@ -23,7 +24,7 @@ def launch(nproc, out, model, extra=(), check=True, wait=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29400 + os.getpid() % 500 + nproc), str(ROOT / "train.py")]
+               "--master_port", str(free_port()), str(ROOT / "train.py")]
     else:
         cmd = [sys.executable, str(ROOT / "train.py")]
     cmd += ["--model", str(model[0]), "--prompts", str(model[1]), "--out", str(out), *TINY, *extra]
@@ -206,7 +207,7 @@ def test_presets_are_the_defaults_help_shows(capsys):
 
 def test_non_finite_gradient_never_reaches_the_weights():
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{29900 + os.getpid() % 90}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         net = torch.nn.Linear(3, 2)
         opt = torch.optim.AdamW(net.parameters(), lr=0.1)
@@ -283,7 +284,7 @@ def test_model_must_be_a_model_folder(tmp_path):
 
 def test_the_run_folder_has_one_owner(tiny_model, tmp_path):
     """A run's folder is refused to a second run (checked before any work: nothing in it changes), to a --resume
-    with other settings, and to anyone while its lock is held; --overwrite replaces it."""
+    with other settings, and to anyone while its lock is held; --overwrite clears it (the prompt cache stays)."""
     import fcntl
     from launch import run_folder
     out = tmp_path / "run"
@@ -304,8 +305,8 @@ def test_the_run_folder_has_one_owner(tiny_model, tmp_path):
         with pytest.raises(SystemExit, match="is in use by another run"):
             run_folder.take_lock(out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # refused before touching anything
-    launch(0, out, tiny_model, ["--iterations", "1", "--checkpoint-every", "0", "--no-export", "--overwrite"])
-    assert [m["iteration"] for m in metrics(out)] == [1] and json.loads((out / "args.json").read_text())["G"] == 3
+    run_folder.take_lock(out, overwrite=True).close()  # what --overwrite does, under the lock: the run's files go
+    assert not run_folder.holds_run(out) and list((out / "prompt_cache").iterdir())  # the prompt cache stays
 
 
 def test_a_diverged_run_stops_and_exports_nothing(tiny_model, tmp_path):
@@ -328,7 +329,7 @@ def test_ranks_stop_when_the_launcher_dies(tiny_model, tmp_path):
     out = tmp_path / "orphans"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29400 + os.getpid() % 500 + 7), str(ROOT / "train.py"), "--model", str(tiny_model[0]), "--prompts",
+           str(free_port()), str(ROOT / "train.py"), "--model", str(tiny_model[0]), "--prompts",
            str(tiny_model[1]), "--out", str(out), *TINY, "--iterations", "500", "--checkpoint-every", "0"]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -372,7 +373,7 @@ def test_one_pass_gives_the_gradient_of_one_pass_per_k(tiny_model, algo):
     import torch.distributed as dist
     from policy.flux import FluxPolicy
     from sde import sigma_grid
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{29990 + os.getpid() % 9}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         policy = FluxPolicy.from_pretrained(tiny_model[0], dtype=torch.float32)
         a = train.parse_args(["--model", str(tiny_model[0]), "--prompts", str(tiny_model[1]), *TINY, "--algo", algo,
