@@ -21,13 +21,23 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .clip import OPENAI_MEAN, OPENAI_STD, OpenClipReward, PickScore, load_clip, load_hps, load_pickscore, \
-    preprocess, resize_longest_pad
 
 
 def _lazy(module: str, loader: str):
     """module.loader (a module of this package), imported on the first call."""
     return lambda **kw: getattr(importlib.import_module(module, __package__), loader)(**kw)
+
+
+CLIP_NAMES = ("OPENAI_MEAN", "OPENAI_STD", "OpenClipReward", "PickScore", "preprocess", "resize_longest_pad", "load_hps",
+              "load_clip", "load_pickscore")
+
+
+def __getattr__(name: str):
+    """rewards.preprocess etc. (clip.py's), imported on first use: clip.py imports open_clip and torchvision, which a
+    run of other rewards (the small world's) does not need (0.6 s of every process's start)."""
+    if name in CLIP_NAMES:
+        return getattr(importlib.import_module(".clip", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -45,12 +55,12 @@ class Spec:
 
 
 REWARDS = {  # in the order of Table 1's columns
-    "hps": Spec("HPS-v2.1", load_hps, {"hps_checkpoint": "checkpoint", "hps_arch": "arch"},
+    "hps": Spec("HPS-v2.1", _lazy(".clip", "load_hps"), {"hps_checkpoint": "checkpoint", "hps_arch": "arch"},
                 (("hps_checkpoint",),), ("hps_checkpoint",),
                 "HPS_v2.1_compressed.pt from the HPSv2 release (Hugging Face repo xswu/HPSv2)"),
-    "clip": Spec("CLIP", load_clip, {"clip_model": "model_path", "clip_arch": "arch"}, (("clip_model",),),
+    "clip": Spec("CLIP", _lazy(".clip", "load_clip"), {"clip_model": "model_path", "clip_arch": "arch"}, (("clip_model",),),
                  ("clip_model",), "the DFN5B CLIP folder (Hugging Face repo apple/DFN5B-CLIP-ViT-H-14-378)"),
-    "pickscore": Spec("PickScore", load_pickscore,
+    "pickscore": Spec("PickScore", _lazy(".clip", "load_pickscore"),
                       {"pickscore_model": "model_path", "pickscore_processor": "processor_path"},
                       (("pickscore_model", "pickscore_processor"),), ("pickscore_model", "pickscore_processor"),
                       "the PickScore_v1 folder (Hugging Face repo yuvalkirstain/PickScore_v1) and the "
