@@ -7,7 +7,8 @@ REQ_HASH := $(shell cat requirements.txt requirements-nodeps.txt | sha256sum | c
 VENV     ?= $(HOME)/.cache/g2rpo/venv-$(REQ_HASH)
 PY       := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# test files run side by side, one worker per core (a file's tests stay together: they share its runs)
+# test files run side by side, one worker per core (a file's tests stay together: they share its runs), each worker
+# on one thread (two workers of two threads each on two cores spin more than they compute)
 TEST_WORKERS ?= auto
 
 .PHONY: test venv clean-venv
@@ -26,7 +27,7 @@ $(VENV)/.installed:
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: venv
-	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests; rc=$$?; \
+	@OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -- treating as failure"; exit 1; fi; \
 	exit $$rc
 
