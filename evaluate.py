@@ -40,7 +40,7 @@ import transformers
 import tyro
 
 from data.prompts import encoding_share, prompt_file_errors, read_prompts
-from launch import collectives
+from launch import collectives, run_folder
 from launch.shared_folder import check_shared
 from policy.flux import FluxPolicy, fingerprint_files, folder_problem, safetensors_problem, sample, size_multiple
 from policy.lora import WEIGHTS as LORA_WEIGHTS, add_lora, base_of, is_lora_folder, load_lora
@@ -137,31 +137,10 @@ def resolve_model(spec: str, base: str = "") -> ModelRef:
                      f"train.py checkpoint (.metadata){hint}")
 
 
-def checkpoint_problem(ckpt: Path) -> str:
-    """'' when the train.py checkpoint folder `ckpt` can be read for evaluation (its .metadata reads and every data file
-    is as long as the metadata says), else what is wrong, naming the file. The generator states and state.json that
-    a --resume also needs (launch/run_folder.problems) evaluation does not read."""
-    from torch.distributed.checkpoint import FileSystemReader
-    try:
-        meta = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - an unreadable pickle can raise almost anything
-        return f".metadata is unreadable ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]})"
-    need = {}
-    for info in (getattr(meta, "storage_data", None) or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    if not need:
-        return ".metadata names no data files"
-    for name, size in sorted(need.items()):
-        have = (ckpt / name).stat().st_size if (ckpt / name).is_file() else -1
-        if have < size:
-            return f"{name} is {'missing' if have < 0 else f'truncated ({have} of {size} bytes)'}"
-    return ""
-
-
 def model_problem(ref: ModelRef) -> str:
     """'' when every file evaluating `ref` reads is whole, else one line naming the file and what is wrong (read
     from the files' headers and sizes; nothing is loaded): the checkpoint, the adapter, the model folder."""
-    if ref.checkpoint and (why := checkpoint_problem(ref.checkpoint)):
+    if ref.checkpoint and (why := run_folder.shards_problem(ref.checkpoint)):
         return f"checkpoint {ref.checkpoint}: {why}"
     if ref.lora and (why := safetensors_problem(ref.lora / LORA_WEIGHTS)):
         return f"adapter {ref.lora}: {LORA_WEIGHTS}: {why}"

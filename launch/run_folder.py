@@ -225,21 +225,31 @@ def problems(ckpt: Path) -> str:
     if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("iteration", "world_size")) \
             or f"ckpt_{state['iteration']:06d}" != ckpt.name:
         return "state.json is damaged"
+    if why := shards_problem(ckpt):
+        return why
+    for r in range(state["world_size"]):
+        if why := rng_problem(ckpt / f"rng_{r}.pt"):
+            return why
+    return ""
+
+
+def shards_problem(ckpt: Path) -> str:
+    """'' when the DCP part of the checkpoint folder `ckpt` reads (its .metadata, and every data file as long as the
+    metadata says), else what is wrong, naming the file: all evaluate.py reads; a resume also needs problems()'s."""
+    from torch.distributed.checkpoint import FileSystemReader
     try:
-        from torch.distributed.checkpoint import FileSystemReader
         meta = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata makes the folder unusable
-        return f"unreadable metadata ({type(e).__name__}: {str(e)[:100]})"
+    except Exception as e:  # noqa: BLE001 - an unreadable pickle can raise almost anything
+        return f".metadata is unreadable ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]})"
     need = {}
-    for info in meta.storage_data.values():
+    for info in (getattr(meta, "storage_data", None) or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    if not need:
+        return ".metadata names no data files"
     for name, size in sorted(need.items()):
         have = (ckpt / name).stat().st_size if (ckpt / name).is_file() else -1
         if have < size:
             return f"{name} is {'missing' if have < 0 else f'truncated ({have} of {size} bytes)'}"
-    for r in range(state["world_size"]):
-        if why := rng_problem(ckpt / f"rng_{r}.pt"):
-            return why
     return ""
 
 

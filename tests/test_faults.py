@@ -138,7 +138,7 @@ def test_problems_verify_every_file_a_resume_reads(straight, tmp_path):
                                                                                  ckpt / "rng_0.pt")),
                "rng-cut": ("rng_0.pt is damaged", lambda: (ckpt / "rng_0.pt").write_bytes(b"PK\x03\x04")),
                "state-cut": ("state.json is damaged", lambda: (ckpt / "state.json").write_text('{"iteration": 4, "sa')),
-               "metadata": ("unreadable metadata", lambda: (ckpt / ".metadata").write_bytes(b"\x80\x04garbage"))}
+               "metadata": (".metadata is unreadable", lambda: (ckpt / ".metadata").write_bytes(b"\x80\x04garbage"))}
     for damage, (why, do) in damages.items():
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.copytree(tmp_path / "ckpt_000002", ckpt)
