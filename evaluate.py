@@ -2,13 +2,13 @@
 same at 10 / 16 / 20 sampling steps), a Fig. 4-style grid, and run-against-run comparisons.
 
     python evaluate.py                                  # the toy world: its base model and its 60 prompts
-    python evaluate.py --model runs/g2rpo/final         # what train.py exported (toy or FLUX)
+    python evaluate.py --model runs/g2rpo/final         # what train.py exported (toy, FLUX.1, SD3.5, Qwen-Image)
     torchrun --nproc_per_node 8 evaluate.py --model /models/FLUX.1-dev runs/g2rpo/final --prompts hpdv2_test.txt \\
         --hps-checkpoint HPS_v2.1_compressed.pt --clip-model DFN5B-CLIP-ViT-H-14-378 ...   # README: every flag
     python evaluate.py --compare runs/eval/FLUX.1-dev runs/eval/g2rpo-final   # one table, differences to row 1
 
-A model is a diffusers FLUX folder, a train.py checkpoint (read over its base model) or 'toy'. Image k of
-prompt j is the ODE sample (policy.flux.sample) from seed --seed + j + 1_000_000 k; the images, in (j, k) order,
+A model is a diffusers folder of a family policy/families.py lists, a train.py checkpoint (read over its base model)
+or 'toy'. Image k of prompt j is the ODE sample (policy.interface.Policy.sample) from seed --seed + j + 1_000_000 k; the images, in (j, k) order,
 are cut into fixed batches of --batch-size and batch b runs on rank b mod world, so an image has the same numbers
 on 1 or N processes. The metrics of the reward registry (rewards/__init__.py) whose files are given score the
 PNGs as stored (uint8); a skipped metric gets one line saying what it needs. A non-finite sample (a diverged
@@ -42,8 +42,9 @@ import tyro
 from data.prompts import encoding_share, prompt_file_errors, read_prompts
 from launch import collectives, run_folder
 from launch.shared_folder import check_shared
-from policy.flux import FluxPolicy, fingerprint_files, folder_problem, safetensors_problem, sample, size_multiple
+from policy.families import family_of, folder_problem
 from policy.lora import WEIGHTS as LORA_WEIGHTS, add_lora, base_of, is_lora_folder, load_lora
+from policy.weights import fingerprint_files, safetensors_problem
 from report import runs
 from report.files import file_errors_in_one_line, folder_errors, load_png, save_png, write_text
 from report.tables import compare, render_table
@@ -57,7 +58,7 @@ WHO = "evaluate.py"
 @dataclass
 class Args:
     """Evaluate models into the paper's Table 1 / Table 3 (see evaluate.py's docstring). Defaults are the paper's
-    evaluation (16 steps, guidance 3.5, one image per prompt); with toy models and no --prompts, 4 images per
+    evaluation (16 steps, FLUX.1-dev's guidance 3.5, one image per prompt); with toy models and no --prompts, 4 images per
     prompt and batches of 16."""
     model: list[str] = field(default_factory=list)  # model folders, train.py outputs (final/, ckpt_XXXXXX/) or 'toy'
     names: list[str] = field(default_factory=list)  # one label per model (empty: from its path)
@@ -65,10 +66,10 @@ class Args:
     prompts: str = ""  # prompt file, one per line (the HPDv2 test split); empty: the toy prompts
     out: str = "runs/eval"  # output folder: <out>/<name>/ per model, comparison.md and grid.png
     steps: int = 16  # ODE sampling steps T (Table 3: 10, 16, 20)
-    height: int = 0  # image height (0: the model folder's default: 720 for FLUX, 16 for the toy)
+    height: int = 0  # image height (0: the model folder's default: 720 for FLUX.1-dev, 16 for the toy)
     width: int = 0  # image width (0: the model folder's default)
-    guidance: float = 3.5  # FLUX.1-dev's distilled guidance scale (no effect on models without it)
-    shift: float = 3.0  # shift of the sigma grid
+    guidance: float = 0.0  # guidance scale (0: the model family's: FLUX.1-dev's distilled 3.5, CFG 4.5 for SD3.5, 4.0 for Qwen-Image)
+    shift: float = 0.0  # time shift of the sigma grid (0: the model family's: 3 for FLUX.1 and SD3.5, Qwen-Image's own)
     seed: int = 42  # base seed: image k of prompt j uses seed + j + 1_000_000 k
     per_prompt: int = 0  # images per prompt (0: 1; 4 on the toy prompts)
     batch_size: int = 0  # images per batched sampling and scoring call (0: 4; 16 on the toy prompts)
@@ -89,7 +90,7 @@ class Args:
 @dataclass
 class ModelRef:
     name: str
-    folder: Path  # diffusers folder for FluxPolicy.from_pretrained
+    folder: Path  # diffusers folder of a supported family (policy/families.py)
     checkpoint: Path = None  # train.py DCP checkpoint read over the folder's transformer
     toy: bool = False
     lora: Path = None  # a LoRA adapter folder (diffusers format) loaded onto the folder's transformer
@@ -162,13 +163,14 @@ def one_line(fn, *args):
 
 def load_policy(ref: ModelRef, a: Args, device, dtype, cache_dir):
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
-    policy = FluxPolicy.from_pretrained(ref.folder, device=device, dtype=dtype, guidance=a.guidance,
-                                        cache_dir=cache_dir, **dims)
+    family = family_of(ref.folder)
+    policy = family.from_pretrained(ref.folder, device=device, dtype=dtype, guidance=a.guidance, cache_dir=cache_dir,
+                                    **dims)
     if ref.lora:
         load_lora(policy.transformer, ref.lora)
     if ref.lora_args:  # a LoRA run's checkpoint holds the adapter only: add it, then read it
         r = ref.lora_args
-        add_lora(policy.transformer, r["lora_rank"], r["lora_alpha"], r["lora_targets"])
+        add_lora(policy.transformer, r["lora_rank"], r["lora_alpha"], r["lora_targets"] or family.LORA_TARGETS)
     if ref.checkpoint:
         import torch.distributed.checkpoint as dcp
         state = {k: v for k, v in policy.transformer.state_dict().items()  # the parameters themselves: read in
@@ -188,7 +190,7 @@ def load_prompts(a: Args, toy_world: bool):
         prompts = read_prompts(a.prompts)
         return prompts, [""] * len(prompts)
     if not toy_world:
-        raise SystemExit("evaluate.py: --prompts FILE is required with FLUX models (the HPDv2 test prompts)")
+        raise SystemExit("evaluate.py: --prompts FILE is required with real models (the HPDv2 test prompts)")
     import toy
     return (toy.TRAIN_PROMPTS + toy.HELDOUT_PROMPTS,
             ["train"] * len(toy.TRAIN_PROMPTS) + ["held-out"] * len(toy.HELDOUT_PROMPTS))
@@ -287,8 +289,8 @@ def sample_and_score(ref: ModelRef, ctx: Context, run: Path, done: dict):
         for batch in mine:
             missing = {it.index for it in batch if not (run / it.file).is_file()}
             if missing:
-                x = sample(policy, [it.prompt for it in batch], [it.seed for it in batch], a.steps, a.shift,
-                           batch_size=len(batch))  # (b, 3, H, W) in [0, 1], the whole batch
+                x = policy.sample([it.prompt for it in batch], [it.seed for it in batch], a.steps, a.shift,
+                                  batch_size=len(batch))  # (b, 3, H, W) in [0, 1], the whole batch
                 bad = [it for it, ok in zip(batch, x.flatten(1).isfinite().all(1).tolist()) if not ok]
                 if bad:  # a diverged model: stop before any PNG of this batch exists (uint8 would hide the NaN)
                     error = (f"{ref.name} sampled a non-finite image (prompt {bad[0].prompt_index}, seed "
@@ -400,17 +402,20 @@ def arg_errors(a: Args) -> list:
         ("height", a.height, 0), ("width", a.width, 0), ("grid_prompts", a.grid_prompts, 0)) if v < low]
     errors += [f"--dtype {a.dtype}: bf16 or fp32 (empty: bf16 on cuda, fp32 on cpu)"] * (a.dtype not in ("", "bf16", "fp32"))
     errors += [f"--device {a.device}: cuda or cpu (empty: cuda if available)"] * (a.device not in ("", "cpu", "cuda"))
-    errors += [f"--shift {a.shift}: must be a finite number > 0"] * (not (math.isfinite(a.shift) and a.shift > 0))
-    errors += [f"--guidance {a.guidance}: must be a finite number"] * (not math.isfinite(a.guidance))
+    errors += [f"--shift {a.shift}: must be a finite number > 0 (0: the model family's)"] * (
+        not (math.isfinite(a.shift) and a.shift >= 0))
+    errors += [f"--guidance {a.guidance}: must be a finite number >= 0 (0: the model family's)"] * (
+        not (math.isfinite(a.guidance) and a.guidance >= 0))
     errors += [f"--collective-timeout {a.collective_timeout}: minutes, >= 1"] * (
         not (math.isfinite(a.collective_timeout) and a.collective_timeout >= 1))
     return errors
 
 
 def size_errors(a: Args, refs: list):
-    """--height / --width against each model's latent multiple (policy.flux.size_multiple: 16 for FLUX); None if fine."""
+    """--height / --width against each model's latent multiple (its family's size_multiple: 16 for FLUX.1); None if
+    fine."""
     for ref in refs:
-        m = size_multiple(ref.folder)
+        m = family_of(ref.folder).size_multiple(ref.folder)
         for flag, v in (("height", a.height), ("width", a.width)):
             if v % m:
                 return f"--{flag} {v}: must be a multiple of {m} for {ref.name} (2x2 patches of its latent cells)"
@@ -453,7 +458,7 @@ def evaluate_all(a: Args, rank: int, world: int, device) -> list:
             print(line)
         print(f"world size {world} | {len(refs)} model(s) | {n // a.per_prompt} prompts x {a.per_prompt} = {n} "
               f"images per model | {math.ceil(n / a.batch_size)} batches of {a.batch_size} (rank r takes batches "
-              f"r, r+{world}, ...) | T={a.steps} shift={a.shift} guidance={a.guidance} | metrics "
+              f"r, r+{world}, ...) | T={a.steps} shift={a.shift or 'family'} guidance={a.guidance or 'family'} | metrics "
               f"{', '.join(ctx.metrics) or 'none'} | device {device} {str(ctx.dtype).removeprefix('torch.')}",
               flush=True)
     results = []

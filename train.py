@@ -2,10 +2,12 @@
 
     torchrun --nproc_per_node 8 train.py --model /path/to/FLUX.1-dev --prompts train.txt \
         --reward hps --hps-checkpoint HPS_v2.1_compressed.pt
+    torchrun --nproc_per_node 1 train.py --model /path/to/stable-diffusion-3.5-medium --lora-rank 32 ...
     torchrun --nproc_per_node 2 train.py            # no --model: the small CPU world (toy/), preset 'toy'
     python train.py --help                          # every option, with the defaults this command would use
 
-The file reads top to bottom: the configuration (Table 4), FSDP2, the sampling plan, one prompt's rollout (lines
+--model is a diffusers folder of any family policy/families.py lists (FLUX.1, Stable Diffusion 3.5, Qwen-Image); the
+policy (policy/interface.py) is all this file knows of it. The file reads top to bottom: the configuration (Table 4), FSDP2, the sampling plan, one prompt's rollout (lines
 6-20), the update (lines 24-26), then train(), whose loop carries Algorithm 1's line numbers. The equations live in
 sde.py (Eqs. 1-3), rollout.py (Sec. 3.2, Eq. 10, re-scoring), advantage.py (Eqs. 8, 11) and loss.py (Eq. 12). What
 only a launcher needs (argument checks, the process group, checkpoints, export, metrics, the run folder, the guard's
@@ -35,11 +37,12 @@ from launch.collectives import all_gather_objects, all_true, barrier
 from launch.metrics import Costs, record
 from launch.probing import Probes, set_up_probes
 from loss import g2rpo_loss
-from policy.lora import TARGETS as LORA_TARGETS, add_lora, trainable
+from policy import families
+from policy.lora import add_lora, trainable
 from report.files import file_errors_in_one_line
 from rewards import RewardOptions, load_rewards
 from rollout import Rollout, rescore_groups, singular_rollout, stack_images, subset_evaluations
-from sde import SCHEDULES, sigma_grid
+from sde import SCHEDULES
 
 ALGOS = ("g2rpo", "g2rpo-no-mgai") + BASELINES
 
@@ -50,7 +53,7 @@ ALGOS = ("g2rpo", "g2rpo-no-mgai") + BASELINES
 @dataclass
 class Args:
     """G2RPO training (Algorithm 1). Each default below is what THIS command line would run with."""
-    model: str = ""  # local diffusers FLUX.1-dev folder; empty: the small CPU world (toy/)
+    model: str = ""  # local diffusers folder: FLUX.1-dev (the paper's), SD3.5, Qwen-Image; empty: the small CPU world (toy/)
     preset: Literal["paper", "toy"] = "paper"  # defaults: paper = Table 4; toy = the small world's demo (given when --model is empty)
     algo: Literal[ALGOS] = "g2rpo"  # g2rpo, g2rpo-no-mgai (Lambda = {1}), or the baselines (baselines/grpo.py)
     reward: str = "hps"  # '+'-separated reward names (rewards/), e.g. hps, hps+clip, toy-adherence
@@ -63,7 +66,8 @@ class Args:
     T: int = 16  # sampling steps
     eta: float = 0.7  # SDE noise level
     schedule: Literal[SCHEDULES] = "flowgrpo"  # noise schedule: flowgrpo (eta sqrt(t/(1-t))) or constant
-    shift: float = 3.0  # scheduler shift of the sigma grid
+    shift: float = 0.0  # time shift of the sigma grid (0: the model family's: 3 for FLUX.1 as in Table 4 and for SD3.5, Qwen-Image's resolution-dependent one)
+    guidance: float = 0.0  # guidance scale (0: the model family's: FLUX.1-dev's distilled 3.5, CFG 4.5 for SD3.5, 4.0 for Qwen-Image)
     Lambda: tuple[int, ...] = (1, 2, 3)  # granularities, e.g. --Lambda 1 2 3
     sde_steps: tuple[int, ...] = ()  # SDE steps M as grid indices (G2RPO); empty: the first half
     fine_first: bool = False  # Eq. 10 grid of the reference code exactly (one fine step, then strided)
@@ -86,7 +90,7 @@ class Args:
     replicas: int = 1  # HSDP: shard within groups of world/replicas ranks (a node), replicate across the groups
     lora_rank: int = 0  # LoRA rank (policy/lora.py): train adapters only, base frozen (bf16 under bf16); 0: full fine-tuning
     lora_alpha: float = 0.0  # LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank)
-    lora_targets: tuple[str, ...] = LORA_TARGETS  # module names (suffixes) that get adapters
+    lora_targets: tuple[str, ...] = ()  # module names (suffixes) that get adapters (empty: the model family's LORA_TARGETS)
     height: int = 0  # image height (0: the model folder's default, 720 for FLUX in the paper)
     width: int = 0  # image width (0: the model folder's default)
     checkpoint_every: int = 50  # iterations between sharded checkpoints (0: never)
@@ -142,6 +146,7 @@ def shard_model(transformer, device, mixed_precision: str, activation_checkpoint
     1: its bf16 copy is the compute copy bf16 needs anyway."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from policy.weights import blocks
     world = dist.get_world_size()
     if activation_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -150,29 +155,39 @@ def shard_model(transformer, device, mixed_precision: str, activation_checkpoint
         return transformer
     mesh = init_device_mesh(device.type, (world,)) if replicas == 1 else \
         init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
-    # bf16: the root casts the model's inputs (as FluxPipeline passes them in the model dtype; the transformer
-    # casts t and the guidance to it itself), the blocks cast nothing: the rotary tables the root computes from
-    # the position ids stay fp32 inside every block, as in FluxPipeline and an unsharded bf16 model (FSDP2's
-    # default would cast each block's inputs, the tables included, to bf16). Position ids are integers < 256:
-    # exact in bf16 up to 4096 px.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision == "bf16" else MixedPrecisionPolicy()
-    block_mp = replace(mp, cast_forward_inputs=False)
-    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        fully_shard(block, mesh=mesh, mp_policy=block_mp)
+    # bf16: the root casts the model's inputs to bf16 as the pipelines pass them (cast_root_inputs), all but the
+    # timestep and the guidance, which each transformer casts itself where its pipeline does (FLUX.1 and Qwen-Image
+    # to bf16; SD3 embeds 1000 t in fp32); the blocks cast nothing: the rotary tables the root computes from the
+    # position ids stay fp32 inside every block, as in the pipelines and an unsharded bf16 model (FSDP2's default
+    # would cast each block's inputs, the tables included, to bf16). Position ids are integers < 256: exact in bf16
+    # up to 4096 px.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy(cast_forward_inputs=False)
+    for block in blocks(transformer):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    if mixed_precision == "bf16":
+        transformer.register_forward_pre_hook(cast_root_inputs, with_kwargs=True)
     return fully_shard(transformer, mesh=mesh, mp_policy=mp)
 
 
-def load_model(a: Args, weights, device, dtype):
+def cast_root_inputs(module, args, kwargs):
+    """The sharded root's inputs under bf16: every floating tensor to bf16 but `timestep` and `guidance`."""
+    def cast(name, x):
+        keep = name in ("timestep", "guidance") or not (torch.is_tensor(x) and x.is_floating_point())
+        return x if keep else x.to(torch.bfloat16)
+    return tuple(cast("", x) for x in args), {k: cast(k, v) for k, v in kwargs.items()}
+
+
+def load_model(a: Args, weights, device, dtype, lora_targets):
     """The transformer as this rank trains it, never whole in its memory: built on the meta device, the LoRA
-    adapters added (seeded), sharded (shard_model), and only then this rank's shard read from `weights` (the model
-    folder's files, policy.flux.WeightFiles) by policy.flux.load_transformer. Peak: the shard plus one block's
-    part, not the whole fp32 model."""
-    from policy.flux import load_transformer
+    adapters added (seeded) on `lora_targets`, sharded (shard_model), and only then this rank's shard read from
+    `weights` (the model folder's files, policy.weights.WeightFiles) by policy.weights.load_transformer. Peak: the
+    shard plus one block's part, not the whole fp32 model."""
+    from policy.weights import load_transformer
 
     def prepare(transformer):  # on the meta device, before any weight is read
         if a.lora_rank:  # adapters in fp32, the base frozen (policy/lora.py)
-            add_lora(transformer, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
+            add_lora(transformer, a.lora_rank, a.lora_alpha, lora_targets, seed=a.seed)
         return shard_model(transformer, device, a.mixed_precision, a.activation_checkpointing, a.replicas)
     return load_transformer(weights, device, dtype, prepare)
 
@@ -234,7 +249,7 @@ def make_plan(a: Args, sigmas):
 class Sampled:
     """One prompt after lines 7-20: its rollout and the rewards of every image."""
     prompt: str
-    cond: object  # policy.flux.Cond
+    cond: object  # the family's Cond (policy/interface.py)
     rollout: object  # rollout.Rollout; its groups are the trained steps
     R: torch.Tensor  # (n_rewards, |Lambda|, |trained steps|, G)
     anchor_reward: torch.Tensor  # (n_rewards,) of the deterministic (ODE) sample
@@ -316,7 +331,7 @@ def load_world(a: Args, rank: int):
 @dataclass
 class Run:
     """What the set-up hands the loop."""
-    policy: object  # policy.flux.FluxPolicy
+    policy: object  # the model family's policy.interface.Policy
     model: torch.nn.Module  # the FSDP2-sharded transformer (plain at world size 1 where it can be: shard_model)
     optim: torch.optim.Optimizer
     rewards: list
@@ -332,16 +347,19 @@ class Run:
 def set_up(a: Args, rank: int, world: int, device) -> Run:
     """Lines 1-2 of Algorithm 1: the policy, the reward models, the optimizer; a resumed state; the
     prompts this rank will use, encoded once into the disk cache (the text encoders are then freed)."""
-    from policy.flux import FluxPolicy, WeightFiles
+    from policy.weights import WeightFiles
     out = Path(a.out)
     torch.manual_seed(a.seed + rank), random.seed(a.seed + rank), np.random.seed(a.seed + rank)
     model_dir, prompts, grid_prompts, marked = load_world(a, rank)
     dims = {k: v for k, v in (("height", a.height), ("width", a.width)) if v}
     bf16 = a.mixed_precision == "bf16"
     base_dtype = torch.bfloat16 if a.lora_rank and bf16 else torch.float32  # a frozen base needs no fp32 master
-    model = load_model(a, WeightFiles(model_dir / "transformer"), device, base_dtype).train()
-    policy = FluxPolicy.from_pretrained(model_dir, device=device, dtype=base_dtype, cache_dir=out / "prompt_cache",
-                                        embed_dtype=torch.bfloat16 if bf16 else None, transformer=model, **dims)
+    family = families.family_of(model_dir)  # from its model_index.json: FLUX.1, SD3.5, Qwen-Image
+    model = load_model(a, WeightFiles(model_dir / "transformer", family.TRANSFORMER), device, base_dtype,
+                       a.lora_targets or family.LORA_TARGETS).train()
+    policy = family.from_pretrained(model_dir, device=device, dtype=base_dtype, cache_dir=out / "prompt_cache",
+                                    embed_dtype=torch.bfloat16 if bf16 else None, transformer=model,
+                                    guidance=a.guidance, **dims)
     rewards = load_rewards(a.reward, device=device, **asdict(a.rewards))
     optim = torch.optim.AdamW(trainable(model), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     sampler = PromptSampler(prompts, a.sampler_seed, rank, world, a.prompts_per_rank)
@@ -353,7 +371,7 @@ def set_up(a: Args, rank: int, world: int, device) -> Run:
         + ([item[0] for _, item in probes.items] if probes else [])
     policy.encode_prompts(encoding_share(all_gather_objects(needs), rank))  # one writer per prompt-cache file
     barrier()
-    plan = make_plan(a, sigma_grid(a.T, a.shift).to(device))  # chosen once
+    plan = make_plan(a, policy.sigmas(a.T, a.shift).to(device))  # chosen once; the family's time shift
     return Run(policy, model, optim, rewards, sampler, plan, start, model_dir, (grid_prompts, marked),
                run_settings(a, world), probes)
 

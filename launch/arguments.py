@@ -13,6 +13,7 @@ from pathlib import Path
 from baselines.grpo import ALGOS as BASELINES
 from data.prompts import numbered_prompts, prompt_file_errors, read_prompts
 from launch import run_folder
+from policy.families import family_problem
 from report.files import folder_errors
 from rewards import prompt_errors, reward_spec_errors, spec_names
 from rollout import default_sde_steps
@@ -91,14 +92,15 @@ def check_args(a):
     need(a.G >= 2, f"--G {a.G}: the group needs at least 2 members to normalise advantages")
     need(a.T >= 2, f"--T {a.T}: need at least 2 sampling steps")
     need(a.eta > 0, f"--eta {a.eta}: must be > 0 (a step without noise has no log-probability to train)")
-    need(a.shift > 0, f"--shift {a.shift}: must be > 0")
+    need(math.isfinite(a.shift) and a.shift >= 0, f"--shift {a.shift}: must be > 0 (0: the model family's schedule)")
+    need(math.isfinite(a.guidance) and a.guidance >= 0, f"--guidance {a.guidance}: must be a finite number >= 0 (0: the "
+         "model family's scale)")
     for flag, val in (("lr", a.lr), ("clip-range", a.clip_range), ("adv-clip", a.adv_clip),
                       ("max-grad-norm", a.max_grad_norm)):
         need(math.isfinite(val) and val > 0, f"--{flag} {val}: must be a finite number > 0")
     need(a.clip_range < 1, f"--clip-range {a.clip_range}: must be < 1 (the ratio is clipped to [1 - eps, 1 + eps])")
     need(math.isfinite(a.weight_decay) and a.weight_decay >= 0, f"--weight-decay {a.weight_decay}: must be >= 0")
     need(math.isfinite(a.lora_alpha) and a.lora_alpha >= 0, f"--lora-alpha {a.lora_alpha}: must be >= 0 (0: = rank)")
-    need(not a.lora_rank or a.lora_targets, "--lora-targets: give at least one module name, e.g. attn.to_q")
     for flag, val, low in (("iterations", a.iterations, 1), ("prompts-per-rank", a.prompts_per_rank, 1),
                            ("checkpoint-every", a.checkpoint_every, 0), ("keep-checkpoints", a.keep_checkpoints, 1),
                            ("max-skipped", a.max_skipped, 1), ("num-samples", a.num_samples, 0),
@@ -115,8 +117,8 @@ def check_args(a):
     need(a.rescore_batch >= 0, f"--rescore-batch {a.rescore_batch}: must be >= 0 (0: all trained steps in one pass)")
     need(not a.step_per_k or a.rescore_batch == 1, "--step-per-k steps the optimizer after every k: it needs "
          "--rescore-batch 1")
-    need(not a.model or (Path(a.model) / "model_index.json").is_file(), f"--model {a.model}: not a diffusers model "
-         "folder (no model_index.json): give the folder FluxPipeline.save_pretrained writes, e.g. FLUX.1-dev")
+    if a.model and (why := family_problem(a.model)):  # model_index.json: the family, before any other file is read
+        errors.append(f"--model {a.model}: {why}")
     need(not a.model or a.prompts, "--prompts FILE is required with --model (one prompt per line)")
     errors += prompt_file_checks(a.prompts, "--prompts", a.reward) if a.prompts else []
     errors += [f"--reward {e}" for e in reward_spec_errors(a.reward, asdict(a.rewards))]
@@ -128,7 +130,7 @@ def check_args(a):
 def run_settings(a, world: int) -> dict:
     """What args.json records and a --resume must match (report/run_folder.DEFINING): the arguments, the world size,
     and digests of what --model and the prompt files hold (the same path with other content is another run)."""
-    from policy.flux import fingerprint_files
+    from policy.weights import fingerprint_files
 
     def digest(path):
         return hashlib.sha256("\n".join(read_prompts(path)).encode()).hexdigest()[:16] if path else ""
@@ -161,13 +163,16 @@ def check_all(a, is_main: bool):
 
 
 def model_errors(a) -> list:
-    """The flags that reach diffusers and peft, against the model's own config files (read, not loaded): the image
-    size against the latent grid's multiple, the LoRA targets against the transformer's module names."""
-    from policy.flux import folder_problem, size_multiple, transformer_config
+    """The flags that reach diffusers and peft, against the model's own config files (read, not loaded): its family
+    (model_index.json), the image size against the latent grid's multiple, the LoRA targets against the
+    transformer's module names."""
+    from policy.families import family_of, folder_problem, transformer_config
+    from policy.flux import FluxPolicy
     from policy.lora import target_errors
     if a.model and (why := folder_problem(a.model)):
         return [f"--model {a.model}: {why}"]
-    multiple = size_multiple(a.model) if a.model else 2  # the small world: pixel space, 2x2 patches
+    family = family_of(a.model) if a.model else FluxPolicy  # the small world is a FLUX
+    multiple = family.size_multiple(a.model) if a.model else 2  # the small world: pixel space, 2x2 patches
     errors = [f"--{flag} {v}: must be a multiple of {multiple} for this model (2x2 patches of its latent cells), e.g. "
               f"{max(multiple, v // multiple * multiple)}" for flag, v in (("height", a.height), ("width", a.width))
               if v % multiple]
@@ -177,5 +182,5 @@ def model_errors(a) -> list:
         else:
             import toy
             config = dict(toy.build(toy.ToyConfig(), seed=0).transformer.config)
-        errors += target_errors(config, a.lora_targets)
+        errors += target_errors(config, a.lora_targets or family.LORA_TARGETS, family.TRANSFORMER)
     return errors

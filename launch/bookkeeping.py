@@ -22,10 +22,9 @@ DIVERGED = ("{} iterations in a row without an update (non-finite rewards, advan
 def write_samples(policy, prompts, marked, a, path, is_main) -> bool:
     """Deterministic ODE samples of fixed prompts and seeds 0, 1 (every rank runs the FSDP forwards).
     Returns whether every image is finite (on every rank): a diverged model samples NaN."""
-    from policy.flux import sample
     from report.figures import save_grid
     policy.transformer.eval()
-    imgs = sample(policy, [p for p in prompts for _ in range(2)], [0, 1] * len(prompts), a.T, a.shift)
+    imgs = policy.sample([p for p in prompts for _ in range(2)], [0, 1] * len(prompts), a.T, a.shift)
     if is_main:
         save_grid(imgs, prompts, 2, path, max(1, 96 // policy.height), marked)
     policy.transformer.train()
@@ -54,7 +53,7 @@ class Bookkeeping:
         if self.is_main:
             if a.resume and r.start == 0:
                 print(f"train.py: --resume: no whole checkpoint in {self.out}: starting at iteration 0", file=sys.stderr)
-            start_log(a, r.plan, r.model, self.world, self.device, self.out, r.start, r.settings)
+            start_log(a, r.plan, r.model, self.world, self.device, self.out, r.start, r.settings, r.policy)
             if r.probe:
                 print(probe_cost(a, r.plan, len(r.probe.prompts), self.world))
         if r.start == 0:

@@ -71,16 +71,19 @@ def record(it, results, As, stats, Lambda, rewards, finite, costs) -> dict:
             "peak_mem_gb": costs["peak_mem_gb"]}
 
 
-def start_log(a, plan, model, world, device, out, start, settings):
+def start_log(a, plan, model, world, device, out, start, settings, policy=None):
     """Rank 0: the derived numbers of this run (the mesh as FSDP2 built it, or none: shard_model); args.json (or
-    resumes.jsonl) and metrics.jsonl (launch/run_folder.py)."""
+    resumes.jsonl) and metrics.jsonl (launch/run_folder.py). Under classifier-free guidance (policy.rows_per_sample
+    2) every model evaluation is two transformer rows, and the line says so."""
     P, n_trained = world * a.prompts_per_rank, sum(p.numel() for p in trainable(model))
     param = next(model.parameters())
     shape = tuple(param.device_mesh.shape) if hasattr(param, "device_mesh") else ()
     mesh = "one process, no FSDP" if not shape else f"FSDP over {shape[0]}" if len(shape) == 1 else \
         f"HSDP {shape[0]} x {shape[1]} (replicas x shards)"
+    rows = getattr(policy, "rows_per_sample", 1)
+    cfg = f" (x{rows} transformer rows: classifier-free guidance, {rows * plan.evals:g} rows)" if rows > 1 else ""
     print(f"{a.algo} | preset {a.preset} | world size {world} | prompts/iteration {P} | images scored/iteration "
-          f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals:g} in {plan.calls:g} batched "
+          f"{P * plan.images_per_prompt} | model evaluations per prompt {plan.evals:g}{cfg} in {plan.calls:g} batched "
           f"calls + {plan.train_passes} | Lambda={plan.Lambda} G={a.G} T={a.T} | trained parameters {n_trained:,}"
           f"{f' (LoRA rank {a.lora_rank})' if a.lora_rank else ''} | {mesh} | device {device}", flush=True)
     run_folder.start(out, settings, a.resume, start)

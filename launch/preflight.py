@@ -457,6 +457,12 @@ def will_it_fit(a, world: int, device, is_main: bool):
     import torch
     from launch.collectives import stop_if_any
     model = Path(a.model)
+    family = json.loads((model / "model_index.json").read_text()).get("_class_name")
+    if family != "FluxPipeline":  # the estimate's constants are fitted at FLUX.1's shapes
+        if is_main:
+            print(f"pre-flight: no estimate for a {family} model (it is fitted to FLUX.1 only); `python bench/scale.py "
+                  "--family ...` simulates this family's released configuration", flush=True)
+        return
     cfg = json.loads((model / "transformer" / "config.json").read_text())
     vae = json.loads((model / "vae" / "config.json").read_text()) if (model / "vae" / "config.json").is_file() else None
     memory = torch.cuda.get_device_properties(device).total_memory

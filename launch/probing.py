@@ -54,12 +54,11 @@ def probe(r, a, done: int, world: int, out: Path, is_main: bool):
     """Probe the policy after `done` iterations: every rank ODE-samples and scores its share, the scores are
     gathered so that every rank reaches the same verdict. Rank 0 logs probes.jsonl and the probe grid; a new
     best (after training began) is exported to out/best. Returns ({reward: mean}, the guard's verdict)."""
-    from policy.flux import sample
     from report.figures import save_grid
     t0, p = time.time(), r.probe
     prompts, seeds = [item[0] for _, item in p.items], [item[1] for _, item in p.items]
     r.model.eval()
-    imgs = sample(r.policy, prompts, seeds, a.T, a.shift)  # (n, 3, H, W)
+    imgs = r.policy.sample(prompts, seeds, a.T, a.shift)  # (n, 3, H, W)
     r.model.train()
     with torch.no_grad():
         scores = torch.stack([rw.score(imgs, prompts) for rw in p.rewards]).float().cpu()  # (n_rewards, n)

@@ -22,7 +22,7 @@ def quiet():
     diffusers.utils.logging.disable_progress_bar()  # weight-loading bars
     transformers.utils.logging.disable_progress_bar()
     # FSDP2 warns that the transformer returns a view; an in-place op on it would skip a hook, but
-    # FluxPolicy.velocity only ever copies it (.float()) before anything else touches it
+    # every family's Policy.forward only ever copies it (.float()) before anything else touches it
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 

@@ -1,37 +1,36 @@
-"""LoRA adapters on the FLUX transformer (peft, through diffusers' own adapter support).
+"""LoRA adapters on a family's transformer (peft, through diffusers' own adapter support).
 
     W x  ->  W x + (alpha / r) B A x        W frozen (bf16 under --mixed-precision bf16), A, B trained in fp32
 
 B starts at zero, so the adapted policy starts as the base policy: the first rollout and the first
 re-scoring are the base model's, exactly as in full fine-tuning. The export is diffusers' LoRA format
-(pytorch_lora_weights.safetensors, with the adapter's rank and alpha in its metadata), which
-FluxPipeline.load_lora_weights reads; lora.json beside it names the base model folder.
+(pytorch_lora_weights.safetensors, with the adapter's rank and alpha in its metadata), written by the family's
+pipeline class (FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline) so that its load_lora_weights reads it;
+lora.json beside it names the base model folder.
 
-The default targets are those of diffusers' FLUX DreamBooth-LoRA script: the attention projections of
-both streams (single blocks included: their attn.to_q/k/v) and the feed-forward layers of the double blocks.
+The default targets are each family's LORA_TARGETS (policy/flux.py, sd3.py, qwen_image.py): those of diffusers'
+DreamBooth-LoRA script for that family.
 """
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
-           "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-           "ff_context.net.2")
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def lora_config(rank: int, alpha: float = 0, targets=TARGETS):
+def lora_config(rank: int, alpha: float, targets):
     """peft LoraConfig; alpha 0 means alpha = rank (scale 1)."""
     from peft import LoraConfig
     return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
 
 
-def add_lora(transformer, rank: int, alpha: float = 0, targets=TARGETS, seed: int = 0):
+def add_lora(transformer, rank: int, alpha: float, targets, seed: int = 0):
     """Add an adapter in place: only its A, B matrices train, in float32; every other weight is frozen.
     A's random init comes from `seed` alone, so that every rank of a sharded run builds the same adapter.
-    A base on the meta device (train.py builds it there and fills it later, policy.flux.load_transformer) gets
+    A base on the meta device (train.py builds it there and fills it later, policy.weights.load_transformer) gets
     real adapters all the same, on the CPU, with the values a loaded base gets. Returns the number of trainable
     parameters."""
     with torch.random.fork_rng(devices=[]), _real_stand_ins(transformer):
@@ -73,8 +72,10 @@ def is_lora_folder(path) -> bool:
 def save_lora(path, state_dict: dict, transformer, base_dir):
     """Write the adapter of `transformer` (its full, unsharded `state_dict`, adapter keys as named in the
     module) to the folder `path` in diffusers' LoRA format; lora.json names `base_dir`. The same adapter and
-    settings give the same bytes. Written beside as path.tmp, then swapped in (policy/export_folder.py)."""
-    from diffusers import FluxPipeline
+    settings give the same bytes. Written beside as path.tmp, then swapped in (policy/export_folder.py). The format
+    is the base's family's pipeline's (its save_lora_weights)."""
+    import diffusers
+    from policy.families import family_of
     from peft.utils import get_peft_model_state_dict
     from policy.export_folder import fresh, sort_headers, swap_in
     tmp = fresh(path)
@@ -82,7 +83,7 @@ def save_lora(path, state_dict: dict, transformer, base_dir):
     config = transformer.peft_config["default"].to_dict()
     # peft holds target_modules (and may hold others) as a set: JSON wants a list, one order wants it sorted
     config = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
-    FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
+    getattr(diffusers, family_of(base_dir).PIPELINE).save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
     sort_headers(tmp)
     (tmp / "lora.json").write_text(json.dumps({"base": str(Path(base_dir).resolve()), "rank": config["r"],
                                                "alpha": config["lora_alpha"]}, sort_keys=True))
@@ -112,17 +113,16 @@ def adapter_state(transformer) -> dict:
     return {k: v.detach().clone() for k, v in transformer.state_dict().items() if ".lora_" in k}
 
 
-def target_errors(config: dict, targets) -> list:
+def target_errors(config: dict, targets, transformer_class) -> list:
     """--lora-targets names that match no linear layer of the transformer of `config` (built on the meta device:
     no memory, no weights), one line for all of them, with the names that would."""
-    from diffusers import FluxTransformer2DModel
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
+        model = transformer_class.from_config({k: v for k, v in config.items() if k != "_name_or_path"})
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not missing:
         return []
-    known = sorted({n.split(".", 2)[-1] if n.startswith(("transformer_blocks", "single_transformer_blocks")) else n
+    known = sorted({re.sub(r"^\w+\.\d+\.", "", n)
                     for n in names})
     return [f"--lora-targets {' '.join(missing)}: no linear layer of the transformer is named so; its layers end in: "
             f"{', '.join(known[:40])}"]

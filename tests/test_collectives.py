@@ -149,7 +149,7 @@ def test_the_loop_under_a_cuda_only_group(cuda_only_group, tmp_path):
         policy = FluxPolicy(cpu.root, net, None, 16, 16, cpu.max_sequence_length, cpu.guidance, device="cuda",
                             dtype=torch.float32)
         policy._memory = cpu._memory
-        plan = train.make_plan(a, sigma_grid(a.T, a.shift).to("cuda"))
+        plan = train.make_plan(a, sigma_grid(a.T, a.shift or 3.0).to("cuda"))
         gen = torch.Generator().manual_seed(0)
         s = train.sample_prompt(plan, policy, net, rewards, "a red circle on the left", 0, gen)
         As = [mixed_advantage(s.R, adv_clip=a.adv_clip)]

@@ -128,14 +128,15 @@ def test_a_diverged_model_is_refused_before_its_batch_is_saved(world, reference,
     """NaN in images 4 and 5 (prompt 2, seeds 44 and 1_000_044; batch 1 = images 3..5): a one-line error naming the
     model and the first of them; batch 0's PNGs and scores are kept, no PNG of batch 1 is written, nothing is
     summarised; rerun with a sane model, the folder finishes exactly as the reference."""
-    real = evaluate.sample
+    from policy.interface import Policy
+    real = Policy.sample
 
     def diverged(policy, prompts, seeds, *args, **kw):
         x = real(policy, prompts, seeds, *args, **kw)
         x[torch.tensor([s % 1_000_000 == 44 for s in seeds])] = float("nan")
         return x
 
-    monkeypatch.setattr(evaluate, "sample", diverged)
+    monkeypatch.setattr(Policy, "sample", diverged)
     argv = base_argv(world, tmp_path)
     with pytest.raises(SystemExit, match=r"^evaluate.py: tiny sampled a non-finite image \(prompt 2, seed 44\)") as e:
         evaluate.main(argv)

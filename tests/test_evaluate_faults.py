@@ -18,7 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import evaluate  # noqa: E402
-from policy.flux import folder_problem, safetensors_problem  # noqa: E402
+from policy.families import folder_problem  # noqa: E402
+from policy.weights import safetensors_problem  # noqa: E402
 from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,10 +180,10 @@ def test_a_non_finite_sample_on_one_rank_stops_both(tiny_model, tmp_path):
     model, prompts = tiny_model
     script = tmp_path / "nan.py"
     script.write_text(
-        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport evaluate\nreal = evaluate.sample\n"
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport evaluate\nfrom policy.interface import Policy\nreal = Policy.sample\n"
         "def sample(policy, prompts, seeds, *a, **k):\n    x = real(policy, prompts, seeds, *a, **k)\n"
         "    x[[s == 46 for s in seeds]] = float('nan')\n    return x\n"
-        "evaluate.sample = sample\nevaluate.main(sys.argv[1:])\n")
+        "Policy.sample = sample\nevaluate.main(sys.argv[1:])\n")
     logs = tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "--log-dir", str(logs), "--redirects", "3", str(script),
@@ -199,7 +200,7 @@ def test_a_non_finite_sample_on_one_rank_stops_both(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("more,says", [(["--dtype", "fp16"], "--dtype fp16: bf16 or fp32"),
                                        (["--device", "tpu"], "--device tpu: cuda or cpu"),
-                                       (["--shift", "0"], "--shift 0.0: must be a finite number > 0"),
+                                       (["--shift", "-1"], "--shift -1.0: must be a finite number > 0"),
                                        (["--height", "17"], "--height 17: must be a multiple of 2 for")])
 def test_flags_a_library_would_refuse_are_one_line_before_any_work(tiny_model, tmp_path, more, says):
     model, prompts = tiny_model

@@ -1,4 +1,4 @@
-"""Loading holds one shard, not the whole model, per rank (train.load_model, policy.flux.load_transformer).
+"""Loading holds one shard, not the whole model, per rank (train.load_model, policy.weights.load_transformer).
 
 The transformer is built on the meta device, adapted and sharded there, and each rank then reads only its own
 rows from the safetensors files. Checked here: the weights equal diffusers' from_pretrained (one file and a sharded
@@ -16,7 +16,8 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from policy.flux import FluxPolicy, WeightFiles, load_transformer
+from policy.flux import FluxPolicy
+from policy.weights import WeightFiles, load_transformer
 from policy.lora import add_lora
 from tiny_flux import save_tiny_flux
 from conftest import free_port  # noqa: E402
@@ -39,10 +40,10 @@ def test_loaded_weights_equal_from_pretrained(tmp_path, sharded):
         assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 2
     for dtype in (torch.float32, torch.bfloat16):
         ref = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", dtype=dtype)
-        ours = load_transformer(WeightFiles(tmp_path / "transformer"), "cpu", dtype)
+        ours = load_transformer(WeightFiles(tmp_path / "transformer", FluxTransformer2DModel), "cpu", dtype)
         assert_same(ours.state_dict(), ref.state_dict())
-        add_lora(ref, 4, 8, seed=3)  # a LoRA base built on the meta device gets the adapters a loaded one gets
-        ours = load_transformer(WeightFiles(tmp_path / "transformer"), "cpu", dtype, prepare=with_lora)
+        add_lora(ref, 4, 8, FluxPolicy.LORA_TARGETS, seed=3)  # a LoRA base built on the meta device gets the adapters a loaded one gets
+        ours = load_transformer(WeightFiles(tmp_path / "transformer", FluxTransformer2DModel), "cpu", dtype, prepare=with_lora)
         assert_same(ours.state_dict(), ref.state_dict())
         assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
             [n for n, p in ref.named_parameters() if p.requires_grad]
@@ -52,7 +53,7 @@ def test_loaded_weights_equal_from_pretrained(tmp_path, sharded):
 
 
 def with_lora(transformer):
-    add_lora(transformer, 4, 8, seed=3)
+    add_lora(transformer, 4, 8, FluxPolicy.LORA_TARGETS, seed=3)
     return transformer
 
 
@@ -72,9 +73,9 @@ def worker(folder: str, out: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     a = train.Args(mixed_precision="fp32")  # full fine-tuning: fp32 master weights, as the paper's run
-    weights = WeightFiles(folder)
+    weights = WeightFiles(folder, FluxTransformer2DModel)
     start = _reset_peak_rss()
-    model = train.load_model(a, weights, torch.device("cpu"), torch.float32)
+    model = train.load_model(a, weights, torch.device("cpu"), torch.float32, FluxPolicy.LORA_TARGETS)
     peak = _proc_status("VmHWM")
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     result = dict(added=peak - start, shard=sum(p.to_local().nbytes for p in model.parameters()),

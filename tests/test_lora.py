@@ -9,6 +9,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import evaluate
+from policy.flux import FluxPolicy
 from policy.lora import add_lora, adapter_state, trainable
 from test_train import launch, metrics, resumed_copy
 
@@ -29,7 +30,7 @@ def test_only_the_adapters_train_and_the_base_stays_bf16():
     torch.manual_seed(0)
     t = FluxTransformer2DModel(**CFG).to(torch.bfloat16)
     base = {k: v.clone() for k, v in t.state_dict().items()}
-    n = add_lora(t, rank=4, alpha=8)
+    n = add_lora(t, 4, 8, FluxPolicy.LORA_TARGETS)
     params = trainable(t)
     assert n == sum(p.numel() for p in params) and 0 < n < sum(p.numel() for p in t.parameters()) / 2
     assert all(p.dtype == torch.float32 for p in params)

@@ -2,7 +2,8 @@
 
 FSDP2's MixedPrecisionPolicy casts each sharded module's floating inputs to param_dtype by default: sharded per
 block, that would hand every FLUX block bf16 rotary tables, while evaluate.py, FluxPipeline and an unsharded
-bf16 transformer keep them fp32. train.shard_model casts only the root's inputs; this pins it."""
+bf16 transformer keep them fp32. train.shard_model casts only the root's inputs, and of those not the timestep (SD3
+embeds it in fp32, as StableDiffusion3Pipeline passes it); this pins it."""
 import torch
 
 import train
@@ -23,6 +24,9 @@ def test_sharded_bf16_transformer_equals_the_unsharded_bf16_model(one_rank_group
         block.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["image_rotary_emb"][0].dtype),
                                         with_kwargs=True)
     model = train.shard_model(fp32.transformer, torch.device("cpu"), "bf16", False)
+    root = []
+    model.register_forward_pre_hook(lambda m, args, kw: root.append((kw["hidden_states"].dtype, kw["timestep"].dtype,
+                                                                     kw["encoder_hidden_states"].dtype)), with_kwargs=True)
     cond = bf16.embed("a red cat on the blue house")
     B = 3
     inputs = dict(hidden_states=fp32.noise(B, generator=torch.Generator().manual_seed(0)).bfloat16(),
@@ -31,7 +35,10 @@ def test_sharded_bf16_transformer_equals_the_unsharded_bf16_model(one_rank_group
                   pooled_projections=cond.pooled.expand(B, -1).contiguous(),
                   txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3), img_ids=fp32.img_ids, return_dict=False)
     with torch.no_grad():
-        v_sharded, v_plain = model(**inputs)[0], bf16.transformer(**inputs)[0]
+        as_fp32 = {k: v.float() if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
+                   for k, v in inputs.items()}  # the trainer's fp32 inputs: the root casts them (bf16 -> fp32 exact)
+        v_sharded, v_plain = model(**as_fp32)[0], bf16.transformer(**inputs)[0]
     assert len(seen) == 2 and set(seen) == {torch.float32}, f"the blocks got {seen} rotary tables"
+    assert root == [(torch.bfloat16, torch.float32, torch.bfloat16)], root  # the timestep is the transformer's to cast
     assert v_sharded.dtype == v_plain.dtype == torch.bfloat16
     assert torch.equal(v_sharded, v_plain), (v_sharded - v_plain).abs().max()

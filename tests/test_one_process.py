@@ -16,7 +16,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import train
-from policy.flux import FluxPolicy, WeightFiles, load_transformer
+from policy.flux import FluxPolicy
+from policy.weights import WeightFiles, load_transformer
 from policy.lora import add_lora, trainable
 from tiny_flux import save_tiny_flux
 
@@ -31,11 +32,11 @@ def full(t):
 def test_one_process_lora_without_fsdp_equals_it_with_fsdp(one_rank_group, tmp_path):
     save_tiny_flux(tmp_path)
     a = train.Args(lora_rank=4, lora_alpha=8, mixed_precision="bf16", lr=1e-3)
-    cpu, weights = torch.device("cpu"), WeightFiles(tmp_path / "transformer")
-    plain = train.load_model(a, weights, cpu, torch.bfloat16).train()  # as train.set_up builds it
+    cpu, weights = torch.device("cpu"), WeightFiles(tmp_path / "transformer", FluxPolicy.TRANSFORMER)
+    plain = train.load_model(a, weights, cpu, torch.bfloat16, FluxPolicy.LORA_TARGETS).train()  # as train.set_up builds it
 
     def with_fsdp(t):  # train.load_model's preparation, FSDP2 kept at world size 1
-        add_lora(t, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
+        add_lora(t, a.lora_rank, a.lora_alpha, FluxPolicy.LORA_TARGETS, seed=a.seed)
         return train.shard_model(t, cpu, a.mixed_precision, False, plain_alone=False)
     sharded = load_transformer(weights, cpu, torch.bfloat16, with_fsdp).train()
     assert isinstance(sharded, FSDPModule) and not isinstance(plain, FSDPModule)

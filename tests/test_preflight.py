@@ -84,7 +84,9 @@ def test_parameter_counts_equal_the_modules():
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     import open_clip
     import tiny_flux
-    from policy.lora import TARGETS, add_lora
+    from policy.flux import FluxPolicy
+    from policy.lora import add_lora
+    TARGETS = FluxPolicy.LORA_TARGETS
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     tiny = tiny_flux.transformer()
     cfg = dict(tiny.config)
@@ -96,7 +98,7 @@ def test_parameter_counts_equal_the_modules():
     assert pf.LORA_TARGETS == TARGETS
     for rank, targets in ((4, TARGETS), (2, ("attn.to_q", "ff.net.2", "proj_out"))):
         t = tiny_flux.transformer()
-        assert add_lora(t, rank, targets=targets) == pf.lora_params(cfg, rank, targets)["total"], targets
+        assert add_lora(t, rank, 0, targets) == pf.lora_params(cfg, rank, targets)["total"], targets
     with torch.device("meta"):
         flux = FluxTransformer2DModel(**FLUX_DEV)
         assert pf.transformer_params(dict(flux.config))["total"] == n(flux) == 11_901_408_320

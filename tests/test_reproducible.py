@@ -1,4 +1,4 @@
-"""The same weights write the same bytes (policy/export_folder.py): a full model folder (policy.flux.save_model_folder)
+"""The same weights write the same bytes (policy/export_folder.py): a full model folder (policy.weights.save_model_folder)
 and a LoRA adapter (policy.lora.save_lora) exported by two processes are equal file by file, and still load; a
 leftover path.tmp of a killed export never mixes into the new one."""
 import hashlib
@@ -24,12 +24,13 @@ EXPORT = f"""
 import sys
 from pathlib import Path
 from diffusers import FluxTransformer2DModel
-from policy.flux import save_model_folder
+from policy.flux import FluxPolicy
+from policy.weights import save_model_folder
 from policy.lora import add_lora, save_lora
 model, out = Path(sys.argv[1]), Path(sys.argv[2])
 t = FluxTransformer2DModel.from_pretrained(model / "transformer")
-save_model_folder(out / "full", t.state_dict(), t.config, model)
-add_lora(t, 4, alpha=8, seed=0)
+save_model_folder(out / "full", t.state_dict(), t.config, model, FluxTransformer2DModel)
+add_lora(t, 4, 8, FluxPolicy.LORA_TARGETS, seed=0)
 for i in range({LORA_COPIES}):
     save_lora(out / f"lora{{i}}", t.state_dict(), t, model)
 """
@@ -110,20 +111,21 @@ def test_a_header_in_any_order_or_spacing_is_rewritten_to_one(tmp_path):
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_a_leftover_of_a_killed_export_does_not_mix_in(tiny_model, tmp_path, kind):
-    from policy.flux import save_model_folder
+    from policy.flux import FluxPolicy
     from policy.lora import add_lora, save_lora
+    from policy.weights import save_model_folder
     model_dir = tiny_model[0]
     t = FluxTransformer2DModel.from_pretrained(model_dir / "transformer")
     final = tmp_path / "final"
 
     def export():
         if kind == "full":
-            save_model_folder(final, t.state_dict(), t.config, model_dir)
+            save_model_folder(final, t.state_dict(), t.config, model_dir, FluxTransformer2DModel)
         else:
             save_lora(final, t.state_dict(), t, model_dir)
 
     if kind == "lora":
-        add_lora(t, 4, seed=0)
+        add_lora(t, 4, 0, FluxPolicy.LORA_TARGETS, seed=0)
     export()
     clean = digests(final)
     # a killed run's leftovers: a half-written final.tmp with a shard of another save, and a final.old (killed

@@ -182,7 +182,10 @@ def test_malformed_flags_are_refused_by_the_parser(argv, flag, capsys):
 
 def test_defaults_are_table_4(tmp_path):
     a = train.parse_args(["--model", str(tmp_path), "--prompts", __file__])
-    assert (a.preset, a.G, a.T, a.eta, a.shift, a.Lambda, a.lr, a.weight_decay, a.max_grad_norm, a.clip_range,
+    from policy.flux import FluxPolicy
+    assert a.shift == 0 and FluxPolicy.SHIFT == 3.0  # 0: the family's time shift, FLUX.1's is Table 4's
+    assert a.guidance == 0 and FluxPolicy.DEFAULTS["guidance"] == 3.5
+    assert (a.preset, a.G, a.T, a.eta, a.shift or FluxPolicy.SHIFT, a.Lambda, a.lr, a.weight_decay, a.max_grad_norm, a.clip_range,
             a.adv_clip, a.seed, a.sampler_seed, a.mixed_precision, a.iterations) == \
         ("paper", 12, 16, 0.7, 3.0, (1, 2, 3), 2e-6, 1e-4, 1.0, 1e-4, 5.0, 42, 1223627, "bf16", 300)
     assert train.parse_args(["--model", str(tmp_path)]) == train.Args(model=str(tmp_path))  # Table 4 IS Args()
@@ -252,7 +255,7 @@ def test_baselines_run_in_the_same_harness(baseline_runs, algo):
 @pytest.mark.parametrize("argv,msg", [
     (["--eta", "0"], "--eta 0.0: must be > 0"), (["--sde-steps", "0", "0"], "--sde-steps 0 0"),
     (["--clip-range", "-0.1"], "--clip-range"), (["--adv-clip", "-1"], "--adv-clip"), (["--lr", "-1e-4"], "--lr"),
-    (["--lr", "nan"], "--lr nan"), (["--weight-decay", "-1"], "--weight-decay"), (["--shift", "0"], "--shift"),
+    (["--lr", "nan"], "--lr nan"), (["--weight-decay", "-1"], "--weight-decay"), (["--shift", "-1"], "--shift"),
     (["--algo", "mixgrpo", "--T", "8", "--window", "9"], "--window 9"), (["--keep-checkpoints", "0"], "--keep"),
     (["--algo", "dancegrpo", "--train-fraction", "0"], "--train-fraction")])
 def test_every_numeric_flag_has_its_range(argv, msg):
@@ -379,7 +382,7 @@ def test_one_pass_gives_the_gradient_of_one_pass_per_k(tiny_model, algo):
         a = train.parse_args(["--model", str(tiny_model[0]), "--prompts", str(tiny_model[1]), *TINY, "--algo", algo,
                               *(["--Lambda", "1"] if algo != "g2rpo" else []), "--max-grad-norm", "1e9"])
         a = train.replace(a, sde_steps=(0, 1, 2) if algo == "g2rpo" else ())
-        plan = train.make_plan(a, sigma_grid(a.T, a.shift))
+        plan = train.make_plan(a, sigma_grid(a.T, a.shift or 3.0))
         results, As = [], []
         for i, prompt in enumerate(tiny_model[1].read_text().splitlines()[:2]):
             gen = torch.Generator().manual_seed(i)

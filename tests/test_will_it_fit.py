@@ -17,7 +17,7 @@ def flux_folder(tmp_path):
     for part, cfg in (("transformer", FLUX_DEV), ("vae", FLUX_VAE)):
         (tmp_path / "flux" / part).mkdir(parents=True)
         (tmp_path / "flux" / part / "config.json").write_text(json.dumps(cfg))
-    (tmp_path / "flux" / "model_index.json").write_text("{}")
+    (tmp_path / "flux" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     return tmp_path / "flux"
 
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from policy.flux import FluxPolicy, sample
+from policy.flux import FluxPolicy
 from report.figures import save_grid
 
 from .model import ToyConfig, base_model
@@ -19,7 +19,7 @@ from .world import GRID_PROMPTS, HELDOUT_PROMPTS
 def sample_grid(policy, path, prompts=GRID_PROMPTS, seeds=range(6), T: int = 16, scale: int = 4):
     """Samples of fixed prompts (rows) and seeds (columns) -> save_grid PNG."""
     seeds = list(seeds)
-    images = sample(policy, [p for p in prompts for _ in seeds], seeds * len(prompts), T)
+    images = policy.sample([p for p in prompts for _ in seeds], seeds * len(prompts), T)
     return save_grid(images, prompts, len(seeds), path, scale, marked=HELDOUT_PROMPTS)
 
 

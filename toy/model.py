@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from policy.flux import DEFAULTS, Cond, FluxPolicy
+from policy.flux import Cond, FluxPolicy
 
 from .world import TRAIN, TRAIN_PROMPTS, WORDS, world_batch
 
@@ -95,7 +95,7 @@ def build(cfg: ToyConfig, seed: int):
 
 def policy_of(pipe, size: int, root=".") -> FluxPolicy:
     """The in-memory FluxPolicy (fp32) of a toy pipeline; text goes through `encode`, not the disk."""
-    return FluxPolicy(root, pipe.transformer, None, size, size, MAX_TOKENS, DEFAULTS["guidance"],
+    return FluxPolicy(root, pipe.transformer, None, size, size, MAX_TOKENS, FluxPolicy.DEFAULTS["guidance"],
                       dtype=torch.float32)  # no guidance embedding: the guidance is unused
 
 

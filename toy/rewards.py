@@ -99,14 +99,13 @@ TOY_REWARDS = {"toy-adherence": lambda: ToyReward("toy-adherence", adherence),
 def reward_table(policy, n: int = 4, T: int = 16, seed: int = 0) -> dict:
     """Mean rewards of the policy (n samples per prompt) on TRAIN and HELD-OUT prompts, and of
     ground-truth renders and of pure-noise images (the reference rows)."""
-    from policy.flux import sample
     g = torch.Generator().manual_seed(seed)
     size = policy.height
     rows = {}
     for split, prompts in (("train", TRAIN_PROMPTS), ("held-out", HELDOUT_PROMPTS)):
         ps = [p for p in prompts for _ in range(n)]
         seeds = torch.randint(2**31, (len(ps),), generator=g).tolist()
-        rows[f"model, {split}"] = (sample(policy, ps, seeds, T), ps)
+        rows[f"model, {split}"] = (policy.sample(ps, seeds, T), ps)
     ps = [p for p in TRAIN_PROMPTS + HELDOUT_PROMPTS for _ in range(n)]
     attrs = [parse(p) for p in ps]
     r = size * (RADIUS[0] + (RADIUS[1] - RADIUS[0]) * torch.rand(len(ps), generator=g))
