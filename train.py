@@ -7,11 +7,11 @@
     python train.py --help                          # every option, with the defaults this command would use
 
 --model is a diffusers folder of any family policy/families.py lists (FLUX.1, Stable Diffusion 3.5, Qwen-Image); the
-policy (policy/interface.py) is all this file knows of it. The file reads top to bottom: the configuration (Table 4), FSDP2, the sampling plan, one prompt's rollout (lines
-6-20), the update (lines 24-26), then train(), whose loop carries Algorithm 1's line numbers. The equations live in
-sde.py (Eqs. 1-3), rollout.py (Sec. 3.2, Eq. 10, re-scoring), advantage.py (Eqs. 8, 11) and loss.py (Eq. 12). What
-only a launcher needs (argument checks, the process group, checkpoints, export, metrics, the run folder, the guard's
-probes) is in launch/.
+policy (policy/interface.py) is all this file knows of it. The file reads top to bottom: the configuration (Table 4),
+FSDP2, the sampling plan, one prompt's rollout (lines 6-20), the update (lines 24-26), then train(), whose loop
+carries Algorithm 1's line numbers. The equations live in sde.py (Eqs. 1-3), rollout.py (Sec. 3.2, Eq. 10,
+re-scoring), advantage.py (Eqs. 8, 11) and loss.py (Eq. 12). What only a launcher needs (argument checks, the
+process group, checkpoints, export, metrics, the run folder, the guard's probes) is in launch/.
 """
 import argparse
 import os
@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -137,7 +138,7 @@ def parse_args(argv=None) -> Args:
 # FSDP2: the sharded policy, and its parameters gathered once per rollout
 # ------------------------------------------------------------------------------------------------
 def shard_model(transformer, device, mixed_precision: str, activation_checkpointing: bool, replicas: int = 1,
-                plain_alone: bool = True):
+                plain_alone: bool = True, fp32_inputs=("timestep", "guidance")):
     """FSDP2: one unit per transformer block plus the root; fp32 master weights, bf16 compute. replicas > 1: HSDP on a
     2-D mesh (replicas, world / replicas): sharded within a group of consecutive ranks (a node), only the gradient
     shards all-reduced across groups. World size 1 with LoRA or fp32 (plain_alone): the plain module, no FSDP2 copy of
@@ -155,9 +156,9 @@ def shard_model(transformer, device, mixed_precision: str, activation_checkpoint
         return transformer
     mesh = init_device_mesh(device.type, (world,)) if replicas == 1 else \
         init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
-    # bf16: the root casts the model's inputs to bf16 as the pipelines pass them (cast_root_inputs), all but the
-    # timestep and the guidance, which each transformer casts itself where its pipeline does (FLUX.1 and Qwen-Image
-    # to bf16; SD3 embeds 1000 t in fp32); the blocks cast nothing: the rotary tables the root computes from the
+    # bf16: the root casts the model's inputs to bf16 as the pipelines pass them (cast_root_inputs), all but
+    # `fp32_inputs` (the family's FP32_INPUTS: the timestep and the guidance), which each transformer casts itself
+    # where its pipeline does (FLUX.1 and Qwen-Image to bf16; SD3 embeds 1000 t in fp32); the blocks cast nothing: the rotary tables the root computes from the
     # position ids stay fp32 inside every block, as in the pipelines and an unsharded bf16 model (FSDP2's default
     # would cast each block's inputs, the tables included, to bf16). Position ids are integers < 256: exact in bf16
     # up to 4096 px.
@@ -165,22 +166,26 @@ def shard_model(transformer, device, mixed_precision: str, activation_checkpoint
         if mixed_precision == "bf16" else MixedPrecisionPolicy(cast_forward_inputs=False)
     for block in blocks(transformer):
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    if mixed_precision == "bf16":
-        transformer.register_forward_pre_hook(cast_root_inputs, with_kwargs=True)
+    if mixed_precision == "bf16":  # FSDP2 casts parameters, not buffers: a bf16 model's (SD3's position table) too
+        for m in transformer.modules():
+            for n, buf in m._buffers.items():
+                if buf is not None and buf.is_floating_point():
+                    m._buffers[n] = buf.to(torch.bfloat16)
+        transformer.register_forward_pre_hook(partial(cast_root_inputs, keep=tuple(fp32_inputs)), with_kwargs=True)
     return fully_shard(transformer, mesh=mesh, mp_policy=mp)
 
 
-def cast_root_inputs(module, args, kwargs):
-    """The sharded root's inputs under bf16: every floating tensor to bf16 but `timestep` and `guidance`."""
+def cast_root_inputs(module, args, kwargs, keep=("timestep", "guidance")):
+    """The sharded root's inputs under bf16: every floating tensor to bf16 but the keyword inputs named in `keep`."""
     def cast(name, x):
-        keep = name in ("timestep", "guidance") or not (torch.is_tensor(x) and x.is_floating_point())
-        return x if keep else x.to(torch.bfloat16)
+        kept = name in keep or not (torch.is_tensor(x) and x.is_floating_point())
+        return x if kept else x.to(torch.bfloat16)
     return tuple(cast("", x) for x in args), {k: cast(k, v) for k, v in kwargs.items()}
 
 
-def load_model(a: Args, weights, device, dtype, lora_targets):
+def load_model(a: Args, weights, device, dtype, lora_targets, fp32_inputs=("timestep", "guidance")):
     """The transformer as this rank trains it, never whole in its memory: built on the meta device, the LoRA
-    adapters added (seeded) on `lora_targets`, sharded (shard_model), and only then this rank's shard read from
+    adapters added (seeded) on `lora_targets`, sharded (shard_model, the family's `fp32_inputs`), and only then this rank's shard read from
     `weights` (the model folder's files, policy.weights.WeightFiles) by policy.weights.load_transformer. Peak: the
     shard plus one block's part, not the whole fp32 model."""
     from policy.weights import load_transformer
@@ -188,7 +193,8 @@ def load_model(a: Args, weights, device, dtype, lora_targets):
     def prepare(transformer):  # on the meta device, before any weight is read
         if a.lora_rank:  # adapters in fp32, the base frozen (policy/lora.py)
             add_lora(transformer, a.lora_rank, a.lora_alpha, lora_targets, seed=a.seed)
-        return shard_model(transformer, device, a.mixed_precision, a.activation_checkpointing, a.replicas)
+        return shard_model(transformer, device, a.mixed_precision, a.activation_checkpointing, a.replicas,
+                           fp32_inputs=fp32_inputs)
     return load_transformer(weights, device, dtype, prepare)
 
 
@@ -356,7 +362,7 @@ def set_up(a: Args, rank: int, world: int, device) -> Run:
     base_dtype = torch.bfloat16 if a.lora_rank and bf16 else torch.float32  # a frozen base needs no fp32 master
     family = families.family_of(model_dir)  # from its model_index.json: FLUX.1, SD3.5, Qwen-Image
     model = load_model(a, WeightFiles(model_dir / "transformer", family.TRANSFORMER), device, base_dtype,
-                       a.lora_targets or family.LORA_TARGETS).train()
+                       a.lora_targets or family.LORA_TARGETS, family.FP32_INPUTS).train()
     policy = family.from_pretrained(model_dir, device=device, dtype=base_dtype, cache_dir=out / "prompt_cache",
                                     embed_dtype=torch.bfloat16 if bf16 else None, transformer=model,
                                     guidance=a.guidance, **dims)

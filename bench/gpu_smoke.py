@@ -26,6 +26,10 @@ Steps (each a subprocess with a timeout; its output in OUT/logs/STEP.log):
   equal-MODEL       the two: the same PNGs and exactly the same scores
                     MODEL: base (the tiny FLUX), export (train-ws1's final/), ckpt (train-ws1's newest DCP
                     checkpoint, read over the base), lora (train-lora's adapter)
+  train-FAMILY      the other families (policy/families.py): a tiny Stable Diffusion 3.5 and a tiny Qwen-Image
+                    (tests/tiny_sd3.py, tests/tiny_qwen_image.py: the real classes, built by `build`), LoRA rank 4,
+                    bf16, classifier-free guidance, 2 iterations on 2 processes where two devices (else 1), checkpoint
+                    after 1, then evaluate.py (PickScore) on the export
   gpu-check         bench/gpu_check.py (on the CPU: --device cpu --tiny)
 
 HPS is read by evaluate.py with the architecture ViT-H-14 (no flag chooses another): the eval steps run
@@ -52,6 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("hps", "clip", "pickscore", "imagereward", "unifiedreward")
 MODELS = ("base", "export", "ckpt", "lora")
+FAMILIES = {"sd3": ("tiny_sd3", "save_tiny_sd3"), "qwen-image": ("tiny_qwen_image", "save_tiny_qwen_image")}
 TRAIN_PROMPTS = ["a red house", "a blue sky", "a photo of a cat", "a green tree", "a small dog on the mat",
                  "a big red tree"]
 PROBE_PROMPTS = ["a cat in the sky", "a blue house with a tree"]
@@ -73,7 +78,8 @@ def paths(work: Path) -> dict:
             "eval_prompts": w / "eval_prompts.txt", "arch": w / "open_clip_arch", "hps": w / "hps" / "HPS_tiny.pt",
             "clip": w / "clip", "pick_model": w / "pickscore" / "model", "pick_proc": w / "pickscore" / "processor",
             "ir_ckpt": w / "imagereward" / "ImageReward.pt", "ir_tok": w / "imagereward" / "bert",
-            "ur": w / "unifiedreward", "built": w / "built.json"}
+            "ur": w / "unifiedreward", "built": w / "built.json",
+            **{family: w / family for family in FAMILIES}}
 
 
 def build(work: Path):
@@ -90,6 +96,11 @@ def build(work: Path):
     tiny_flux.save_tiny_flux(p["flux"])
     (p["flux"] / "g2rpo.json").write_text(json.dumps({"height": SIZE, "width": SIZE, "max_sequence_length": 32}))
     print(f"tiny FLUX (VAE, CLIP + T5 encoders) in {p['flux']} ({time.time() - t0:.1f} s)", flush=True)
+    import importlib
+    for family, (module, save) in FAMILIES.items():  # the other families, as their pipelines' save_pretrained writes them
+        getattr(importlib.import_module(module), save)(p[family])
+        (p[family] / "g2rpo.json").write_text(json.dumps({"height": SIZE, "width": SIZE, "max_sequence_length": 16}))
+    print(f"tiny {', '.join(FAMILIES)} in {work} ({time.time() - t0:.1f} s)", flush=True)
     for key, prompts in (("prompts", TRAIN_PROMPTS), ("probes", PROBE_PROMPTS), ("eval_prompts", EVAL_PROMPTS)):
         p[key].write_text("\n".join(prompts) + "\n")
 
@@ -279,6 +290,38 @@ def check_lora(c: Ctx, log: str) -> str:
     return ""
 
 
+def family_run(family: str):
+    def commands(c: Ctx):
+        out = c.work / f"train-{family}"
+        flags = train_flags(c, out)
+        flags[flags.index("--model") + 1] = str(c.p[family])
+        return [launcher(pair_world(c)) + [str(ROOT / "train.py"), *flags, "--lora-rank", "4", "--lora-alpha", "8",
+                                           "--iterations", "2", "--checkpoint-every", "1", "--overwrite",
+                                           *c.step_args.get(f"train-{family}", [])],
+                [sys.executable, str(ROOT / "evaluate.py"), "--model", str(out / "final"), "--prompts",
+                 str(c.p["eval_prompts"]), "--metrics", "pickscore", "--pickscore-model", str(c.p["pick_model"]),
+                 "--pickscore-processor", str(c.p["pick_proc"]), "--steps", "2", "--out", str(c.work / f"eval-{family}"),
+                 "--device", c.device]]
+    return commands
+
+
+def check_family(family: str):
+    def check(c: Ctx, log: str) -> str:
+        out = c.work / f"train-{family}"
+        m = jsonl(out / "metrics.jsonl")
+        if [r["iteration"] for r in m] != [1, 2] or not all(r["optimizer_steps"] == 1 for r in m):
+            return f"metrics.jsonl: {[(r['iteration'], r['optimizer_steps']) for r in m]}"
+        if "x2 transformer rows: classifier-free guidance" not in log:
+            return "the start-up line does not count the guided rows twice"
+        if not (out / "final" / "lora.json").is_file():
+            return "final/ is not an adapter folder"
+        res = c.work / f"eval-{family}" / f"train-{family}-final" / "results.json"
+        if not res.is_file() or "pickscore" not in json.loads(res.read_text())["metrics"]:
+            return f"no PickScore in {res}"
+        return ""
+    return check
+
+
 def hsdp_world(c: Ctx) -> int:
     return 4 if c.device == "cpu" or c.gpus >= 4 else 2
 
@@ -437,6 +480,9 @@ def steps() -> list:
                           eval_run(world, model), check_eval(world, model), (f"eval-ws{world}/{model}",), world))
         s.append(Step(f"equal-{model}", f"{model}: the same PNGs and scores at world sizes 1 and 2", None,
                       check_equal(model), ranks=2))
+    for family in FAMILIES:
+        s.append(Step(f"train-{family}", f"tiny {family}: LoRA, bf16, guidance, 2 iterations; evaluate.py on the export",
+                      family_run(family), check_family(family), (f"train-{family}", f"eval-{family}")))
     s.append(Step("gpu-check", "bench/gpu_check.py", gpu_check_commands, check_gpu_check, ("gpu-check",)))
     return s
 

@@ -183,4 +183,8 @@ def model_errors(a) -> list:
             import toy
             config = dict(toy.build(toy.ToyConfig(), seed=0).transformer.config)
         errors += target_errors(config, a.lora_targets or family.LORA_TARGETS, family.TRANSFORMER)
+        import diffusers
+        if not hasattr(getattr(diffusers, family.PIPELINE, None), "save_lora_weights"):  # the export's format
+            errors.append(f"--lora-rank: diffusers {diffusers.__version__} has no {family.PIPELINE}.save_lora_weights "
+                          "to export the adapter with: train without --lora-rank, or use a diffusers that has it")
     return errors

@@ -29,11 +29,11 @@ RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "reward_curve.png", 
 # settings that a --resume must keep: they define the algorithm, the data stream or the numbers; the digests of the
 # files behind --model and --prompts are among them (the same path with other content is another run)
 DEFINING = ("model", "algo", "reward", "rewards", "prompts", "prompts_per_rank", "G", "T", "eta", "schedule", "shift",
-            "Lambda", "sde_steps", "fine_first", "sde_steps_per_iteration", "lambda_weights", "train_fraction", "window",
-            "window_shift_every", "lr", "weight_decay", "max_grad_norm", "clip_range", "adv_clip", "step_per_k", "seed",
-            "sampler_seed", "mixed_precision", "height", "width", "world_size", "lora_rank", "lora_alpha",
-            "lora_targets", "probe_rewards", "probe_prompts", "probe_seeds", "probe_max_prompts", "model_digest",
-            "prompts_digest", "probe_prompts_digest")
+            "guidance", "Lambda", "sde_steps", "fine_first", "sde_steps_per_iteration", "lambda_weights",
+            "train_fraction", "window", "window_shift_every", "lr", "weight_decay", "max_grad_norm", "clip_range",
+            "adv_clip", "step_per_k", "seed", "sampler_seed", "mixed_precision", "height", "width", "world_size",
+            "lora_rank", "lora_alpha", "lora_targets", "probe_rewards", "probe_prompts", "probe_seeds",
+            "probe_max_prompts", "model_digest", "prompts_digest", "probe_prompts_digest")
 
 
 def holds_run(out: Path) -> bool:

@@ -2,32 +2,53 @@
 simulator need of a flow-matching text-to-image model, and the parts every family shares.
 
 A family (policy/flux.py, policy/sd3.py, policy/qwen_image.py) is one subclass of `Policy` that fills in the
-declarations and the six hooks below; nothing else in the repository knows which family it runs. To add a fourth,
-copy the family file nearest to yours, change what differs, and add its pipeline's class name to
-policy/families.py.
+declarations and the required hooks below; nothing else in the repository knows which family it runs. To add a
+fourth, copy the family file nearest to yours (unpacked latents: sd3.py; packed 2x2 tokens: flux.py, qwen_image.py),
+change what differs, add its pipeline's class name to policy/families.py, and hold it to its pipeline as
+tests/test_sd3.py does.
 
     declared            meaning
     --------            -------
-    PIPELINE            model_index.json's _class_name, e.g. "FluxPipeline": how a folder is recognised
-    TRANSFORMER         the diffusers transformer class (built from transformer/config.json)
+    PIPELINE            model_index.json's _class_name, e.g. "FluxPipeline": how a folder is recognised; its class
+                        must have save_lora_weights (the LoRA export's format)
+    TRANSFORMER         the diffusers transformer class (built from transformer/config.json). Its blocks (the FSDP2
+                        units, read one at a time) are the items of the ModuleLists directly under its root
+                        (policy.weights.blocks)
     ENCODER_PARTS       the tokenizer and text-encoder subfolders (all required; their files key the prompt cache)
     LORA_TARGETS        default --lora-targets (module-name suffixes)
-    DEFAULTS            height, width, max_sequence_length, guidance when neither the flags nor g2rpo.json set them
-    Cond                a dataclass of tensors, each with batch dimension 1: one prompt's conditioning c
+    DEFAULTS            all four of height, width, max_sequence_length, guidance: used when neither the flags nor
+                        the folder's g2rpo.json set them
+    FP32_INPUTS         the transformer's keyword inputs that stay fp32 when FSDP2 casts the others to bf16 (those
+                        the transformer embeds or casts itself: the timestep, the guidance)
+    Cond                a dataclass of tensors, each with batch dimension 1 first: one prompt's conditioning c (any
+                        dtype: embeddings in embed_dtype, masks as integers); collate batches them along dim 0
     NEGATIVE_PROMPT     None: no classifier-free guidance; else the unconditional prompt the pipeline uses
 
-    hook                                    what it does
-    ----                                    ------------
+    required hook                           what it does
+    -------------                           ------------
     load_vae(root, dtype) (classmethod)     the decoder, or None (pixel space)
-    encode(prompts, batch_size)             load the text encoders, yield one Cond per prompt (CPU, embed_dtype),
-                                            free them: a generator, so that any number of prompts streams to disk
-    forward(net, x, t, cond)                ONE batched transformer call: rows x, per-row t (B,) float32 sigmas, a
-                                            collated Cond of B rows -> v (B, ...) float32, called as the pipeline
-                                            calls it
-    noise(n, generator)                     x_T (n, ...) float32, drawn as the pipeline draws its latents
-    decode(x0, batch_size)                  clean latents -> images (B, 3, H, W) float32 in [0, 1]
-    sigmas(T, shift)                        the (T + 1,) fp64 grid from 1 to 0: the family's time shift (shift 0),
-                                            or the static shift given
+    size_multiple(root) (classmethod)       height and width must be multiples of it (read from configs, no load)
+    encode(prompts, batch_size)             load the text encoders, yield one Cond per prompt (on the CPU, in
+                                            embed_dtype), free them: a generator, so that any number of prompts
+                                            streams to disk
+    forward(net, x, t, cond)                ONE batched transformer call: rows x (B, ...) float32, per-row t (B,)
+                                            float32 sigmas, a collated Cond of B rows -> v (B, ...) float32 on
+                                            x's device, called as the pipeline calls it, and converted to sde.py's
+                                            convention: x_t = (1 - t) x_0 + t eps, v = dx/dt ~ eps - x_0 (t = 1 is
+                                            noise; a pipeline that runs time the other way or negates its output,
+                                            as Lumina's does, is converted here). Rows keep their order.
+    noise(n, generator)                     x_T (n, ...) float32 on self.device, drawn as the pipeline draws its
+                                            latents; the generator is on the CPU (sampling, evaluation) or on
+                                            self.device (training): diffusers' randn_tensor takes both
+    decode(x0, batch_size)                  clean latents -> images (B, 3, H, W) float32 in [0, 1] on self.device
+
+    may be overridden                       default
+    -----------------                       -------
+    sigmas(T, shift)                        sde.sigma_grid(T, shift or SHIFT): the (T + 1,) fp64 grid from 1 to 0;
+                                            a family with its own schedule computes it for shift 0 (qwen_image.py)
+    collate(rows)                           one prompt expanded to its rows, several concatenated (qwen_image.py
+                                            pads prompts of different lengths)
+    guide(v_uncond, v_cond)                 v_u + w (v_c - v_u) (qwen_image.py rescales it to ||v_c||)
 
 Classifier-free guidance (NEGATIVE_PROMPT set): the policy IS the guided velocity
 v = v_u + w (v_c - v_u) (`guide`, w = guidance), so that the rollout, the old and the new log-probabilities of Eq. 12
@@ -57,6 +78,7 @@ class Policy:
     LORA_TARGETS = ()
     DEFAULTS = {}
     SHIFT = 3.0  # the static time shift of sigmas(T) when the family has no other schedule
+    FP32_INPUTS = ("timestep", "guidance")
     Cond = None
     NEGATIVE_PROMPT = None
 
@@ -254,6 +276,9 @@ class Policy:
         return self.cache_dir / f"{key}.pt"
 
     def _store(self, prompt: str, cond):
+        if bad := [f for f, t in _fields(cond) if not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] != 1]:
+            raise ValueError(f"{type(self).__name__}.encode gave a Cond whose {bad} are not tensors of batch 1 (the "
+                             "interface: every field a tensor with batch dimension 1 first)")
         key = self._key(prompt)
         if self.cache_dir is None:
             self._memory[key] = cond

@@ -75,15 +75,16 @@ def save_lora(path, state_dict: dict, transformer, base_dir):
     settings give the same bytes. Written beside as path.tmp, then swapped in (policy/export_folder.py). The format
     is the base's family's pipeline's (its save_lora_weights)."""
     import diffusers
-    from policy.families import family_of
     from peft.utils import get_peft_model_state_dict
     from policy.export_folder import fresh, sort_headers, swap_in
+    from policy.families import family_of
+    pipeline = getattr(diffusers, family_of(base_dir).PIPELINE)  # FluxPipeline, StableDiffusion3Pipeline, ...
     tmp = fresh(path)
     layers = get_peft_model_state_dict(transformer, state_dict=state_dict)
     config = transformer.peft_config["default"].to_dict()
     # peft holds target_modules (and may hold others) as a set: JSON wants a list, one order wants it sorted
     config = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
-    getattr(diffusers, family_of(base_dir).PIPELINE).save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
+    pipeline.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
     sort_headers(tmp)
     (tmp / "lora.json").write_text(json.dumps({"base": str(Path(base_dir).resolve()), "rank": config["r"],
                                                "alpha": config["lora_alpha"]}, sort_keys=True))

@@ -75,7 +75,12 @@ def build_empty(transformer_class, config: dict, dtype):
     if _meta_constants(transformer):
         with init_empty_weights(include_buffers=False):
             transformer = transformer_class.from_config(config)
-    _replace_parameters(transformer, lambda p: p.to(dtype))  # none of these families keeps a module in fp32
+    keep = transformer_class._keep_in_fp32_modules or []  # None for FLUX, SD3, Qwen-Image; from_pretrained's rule
+    for name, m in transformer.named_modules():
+        fp32 = any(k in f"{name}.".split(".") for k in keep)
+        for n, p in list(m.named_parameters(recurse=False)):
+            m.register_parameter(n, torch.nn.Parameter(p.to(torch.float32 if fp32 else dtype),
+                                                       requires_grad=p.requires_grad))
     for m in transformer.modules():
         for n, b in m._buffers.items():
             if b is not None and b.is_floating_point():

@@ -42,8 +42,9 @@ def free_port() -> int:
 
 # The test files that take longest (real train.py runs), started first: `make test` runs files side by side
 # (pytest -n auto --dist loadfile), and a long file started last would leave the other cores idle at the end.
-LONGEST_FIRST = ("test_train.py", "test_faults.py", "test_lora.py", "test_scale.py", "test_preflight.py",
-                 "test_gpu_smoke.py", "test_evaluate.py", "test_guard.py", "test_gpu_check.py", "test_evaluate_faults.py")
+LONGEST_FIRST = ("test_train.py", "test_faults.py", "test_families.py", "test_lora.py", "test_scale.py",
+                 "test_preflight.py", "test_gpu_smoke.py", "test_evaluate.py", "test_guard.py", "test_gpu_check.py",
+                 "test_evaluate_faults.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -42,3 +42,26 @@ def test_sharded_bf16_transformer_equals_the_unsharded_bf16_model(one_rank_group
     assert root == [(torch.bfloat16, torch.float32, torch.bfloat16)], root  # the timestep is the transformer's to cast
     assert v_sharded.dtype == v_plain.dtype == torch.bfloat16
     assert torch.equal(v_sharded, v_plain), (v_sharded - v_plain).abs().max()
+
+
+def test_sharded_bf16_sd3_equals_the_unsharded_bf16_model(one_rank_group, tmp_path):
+    """SD3 under FSDP2 bf16 (fp32 master weights) computes what StableDiffusion3Pipeline's bf16 transformer computes,
+    bitwise: its timestep (1000 t) reaches the time embedding in fp32, and its position table (a buffer, which FSDP2
+    does not cast) is the bf16 model's."""
+    from policy.sd3 import SD3Policy
+    from tiny_sd3 import save_tiny_sd3
+    save_tiny_sd3(tmp_path / "sd3")
+    fp32 = SD3Policy.from_pretrained(tmp_path / "sd3", dtype=torch.float32, height=32, width=32)
+    bf16 = SD3Policy.from_pretrained(tmp_path / "sd3", dtype=torch.bfloat16, height=32, width=32)
+    seen = []
+    fp32.transformer.time_text_embed.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    model = train.shard_model(fp32.transformer, torch.device("cpu"), "bf16", False, fp32_inputs=SD3Policy.FP32_INPUTS)
+    one = bf16.collate([(bf16.embed("a red cat on the blue house"), 3)])
+    cond = type(one)(one.prompt_embeds.contiguous(), one.pooled.contiguous())  # one matmul path for both (stride 0
+    # and dense inputs take different CPU kernels, a bf16 step apart in places)
+    x, t = fp32.noise(3, generator=torch.Generator().manual_seed(0)), torch.tensor([0.9, 0.5, 0.2])
+    with torch.no_grad():
+        v_sharded = fp32.forward(model, x.bfloat16().float(), t, cond)  # fp32 in: the root casts it
+        v_plain = bf16.forward(bf16.transformer, x, t, cond)
+    assert seen == [torch.float32], seen
+    assert torch.equal(v_sharded, v_plain), (v_sharded - v_plain).abs().max()
