@@ -27,7 +27,6 @@ The text encoders (9 GB for T5-XXL) are never kept: `encode` loads them, encodes
 (the interface stores the embeddings). Every weight is read straight onto the device in the dtype it runs in.
 """
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from policy.interface import Policy
+from policy.interface import Policy, tokenize
 
 
 @dataclass
@@ -169,9 +168,3 @@ class FluxPolicy(Policy):
         finally:
             del clip, t5
 
-
-def tokenize(tok, texts, n: int) -> torch.Tensor:
-    """(b, n) ids, padded and truncated to n tokens as the pipelines do; warns when a prompt is cut."""
-    if max(len(ids) for ids in tok(texts).input_ids) > n:
-        warnings.warn(f"a prompt has more than {n} {type(tok).__name__} tokens: truncated, as the pipeline does")
-    return tok(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids

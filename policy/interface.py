@@ -60,11 +60,11 @@ import gc
 import hashlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
-from report.files import atomic_write
 from sde import ode_step, sigma_grid
 
 
@@ -283,6 +283,7 @@ class Policy:
         if self.cache_dir is None:
             self._memory[key] = cond
             return
+        from report.files import atomic_write
         data = io.BytesIO()  # saved to memory: the archive's root name is then fixed, not the temporary file's
         torch.save({**self._meta(prompt), **dict(_fields(cond))}, data)
         atomic_write(self._path(key), lambda tmp: tmp.write_bytes(data.getvalue()))  # several processes share it
@@ -308,3 +309,10 @@ class Policy:
 def _fields(cond):
     """(name, tensor) of a Cond, in its declared order."""
     return [(f.name, getattr(cond, f.name)) for f in dataclasses.fields(cond)]
+
+
+def tokenize(tok, texts, n: int) -> torch.Tensor:
+    """(b, n) ids, padded and truncated to n tokens as the pipelines do (CLIP and T5 tokenizers); warns when a prompt is cut."""
+    if max(len(ids) for ids in tok(texts).input_ids) > n:
+        warnings.warn(f"a prompt has more than {n} {type(tok).__name__} tokens: truncated, as the pipeline does")
+    return tok(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids

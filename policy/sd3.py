@@ -47,8 +47,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from policy.flux import tokenize
-from policy.interface import Policy
+from policy.interface import Policy, tokenize
 
 
 @dataclass
