@@ -61,7 +61,7 @@ eval: venv
 # finished leg is kept, so an interrupted run continues). Results: $(BENCH_OUT)/results.md, *.png
 BENCH_OUT ?= runs/bench
 BENCH_ARGS ?=
-.PHONY: bench bench-algos bench-lora bench-equal bench-scale
+.PHONY: bench bench-algos bench-lora bench-equal bench-scale bench-scale-families
 bench: bench-algos
 bench-algos: venv
 	$(PY) bench/algos.py --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -89,6 +89,14 @@ gpu-check: venv
 # 8 and 16, and one GPU with LoRA; ~3.5 min of CPU per world size. Results: runs/bench-scale/results.md
 bench-scale: venv
 	$(PY) bench/scale.py
+
+# The same for the other families at their released configs and usual training sizes (bench/released.py): SD3.5
+# Medium (512 px), SD3.5 Large (1024 px), Qwen-Image (1024 px); 8 GPUs full fine-tuning and one GPU with LoRA each.
+# Results: runs/bench-scale/<family>/results.md
+bench-scale-families: venv
+	$(PY) bench/scale.py --family sd3.5-medium
+	$(PY) bench/scale.py --family sd3.5-large
+	$(PY) bench/scale.py --family qwen-image
 
 # The whole GPU path in a GPU's first ten minutes (bench/gpu_smoke.py): train.py at world sizes 1 and 2 (bf16, probes,
 # checkpoints, --resume, best/, final/), LoRA, HSDP, evaluate.py at world sizes 1 and 2 with every reward model, then

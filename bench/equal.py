@@ -53,7 +53,7 @@ def cost(flags) -> float:
     from sde import sigma_grid
     a = train.parse_args(list(flags))
     arguments.check_args(a)
-    return train.make_plan(a, sigma_grid(a.T, a.shift)).evals if a.algo.startswith("g2rpo") else a.T * a.G
+    return train.make_plan(a, sigma_grid(a.T, a.shift or 3.0)).evals if a.algo.startswith("g2rpo") else a.T * a.G
 
 
 def budget(flags) -> int:

@@ -7,7 +7,7 @@
                  once per input shape
   Handed         an object handed to train.py's code with some of its methods replaced (a phase, a replay)
   the objects    train.py's own, built as train.set_up builds them where fake tensors allow: the policy through
-                 train.load_model from FakeWeights (policy.flux.WeightFiles' interface), the VAE, the text encoders
+                 train.load_model from FakeWeights (policy.weights.WeightFiles' interface), the VAE, the text encoders
                  (encode) and the HPS reward (build_reward)
 
 Two things fake tensors cannot do are replaced for the duration of a call, both torch's, never this repository's:
@@ -305,47 +305,86 @@ def build_reward(s, device):
 
 
 class FakeWeights:
-    """FLUX.1-dev's weight files as policy.flux.load_transformer reads them (WeightFiles' .config and .read): each
-    part this rank reads is a new bf16 tensor (the released files are bf16) of its shape, random (N(0, 0.02)) so
-    that real tensors (tests/test_scale.py) compute finite numbers."""
+    """A transformer's weight files as policy.weights.load_transformer reads them (WeightFiles' interface; FLUX.1-dev's
+    unless `transformer_class` is given): each part this rank reads is a new bf16 tensor (the released files are
+    bf16) of its shape, random (N(0, 0.02)) so that real tensors (tests/test_scale.py) compute finite numbers."""
 
-    def __init__(self, config: dict):
-        self.config = config
+    def __init__(self, config: dict, transformer_class=None):
+        if transformer_class is None:
+            from diffusers import FluxTransformer2DModel as transformer_class
+        self.config, self.transformer_class = config, transformer_class
 
     def read(self, items):
         for key, index, shape in items:
             yield key, torch.empty([i.stop - i.start for i in index], dtype=torch.bfloat16).normal_(0, 0.02)
 
 
+def family_classes(family: str):
+    """(Policy subclass, VAE class) of a bench/scale.py family."""
+    from diffusers import AutoencoderKL
+    if family == "flux1-dev":
+        from policy.flux import FluxPolicy
+        return FluxPolicy, AutoencoderKL
+    if family.startswith("sd3.5"):
+        from policy.sd3 import SD3Policy
+        return SD3Policy, AutoencoderKL
+    if family == "qwen-image":
+        from diffusers import AutoencoderKLQwenImage
+        from policy.qwen_image import QwenImagePolicy
+        return QwenImagePolicy, AutoencoderKLQwenImage
+    raise ValueError(f"unknown family {family!r}")
+
+
+def sim_root(s) -> Path:
+    """The policy's model folder: none exists. SD3Policy reads its position table from the folder's weights when it
+    has some (policy.sd3._buffers_from_file): a folder holding only transformer/config.json has none, and then
+    build_empty's computed table stays, as load_transformer built it."""
+    root = Path(tempfile.gettempdir()) / "scale-sim"
+    if s.family.startswith("sd3.5"):
+        import json
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        root = Path(tempfile.mkdtemp(prefix="scale-sim-"))
+        (root / "transformer").mkdir()
+        with unset_fake_temporarily():
+            (root / "transformer" / "config.json").write_text(json.dumps(
+                {"_class_name": "SD3Transformer2DModel", **s.transformer}, default=list))
+    return root
+
+
 def build_policy(s, device):
     """The policy as train.set_up builds it: train.load_model (the transformer on the meta device, under LoRA its
     fp32 adapters (policy.lora.add_lora) on a bf16 base, sharded by train.shard_model (not at world size 1 under
-    LoRA), then this rank's part read from FakeWeights and cast to its dtype), and the VAE."""
-    from diffusers import AutoencoderKL
+    LoRA), then this rank's part read from FakeWeights and cast to its dtype), and the VAE; the policy by its class's
+    constructor (the family's: bench/scale.py Setting.family)."""
     import train
-    from policy.flux import FluxPolicy
+    family = getattr(s, "family", "flux1-dev")
+    policy_class, vae_class = family_classes(family)
     dtype = torch.bfloat16 if s.lora_rank else torch.float32
     a = replace(train.Args(), lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, mixed_precision="bf16")
     to = torch.nn.Module.to  # peft casts each new adapter to the base's dtype with .to(), which cannot swap tracked
     torch.nn.Module.to = lambda self, *a, **k: self  # fake parameters: they stay fp32, as add_lora leaves them
     try:
-        transformer = train.load_model(a, FakeWeights(s.transformer), torch.device(device), dtype).eval()
+        transformer = train.load_model(a, FakeWeights(s.transformer, policy_class.TRANSFORMER), torch.device(device),
+                                       dtype, policy_class.LORA_TARGETS).eval()
     finally:
         torch.nn.Module.to = to
     with torch.device(device):
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # built in its dtype (.to() cannot swap tracked fake parameters)
         try:
-            vae = AutoencoderKL(**s.vae).eval()
+            vae = vae_class(**s.vae).eval()
         finally:
             torch.set_default_dtype(default)
-        policy = FluxPolicy(Path(tempfile.gettempdir()) / "scale-sim", transformer, vae, s.height, s.width,
-                            s.seq_len, 3.5, device=device, dtype=dtype, embed_dtype=torch.bfloat16)
+        # max_sequence_length: T5's tokens (FLUX.1, SD3.5); Qwen-Image's Cond has the prompt's own length instead,
+        # at most the pipeline's 512
+        seq = s.seq_len if family != "qwen-image" else max(512, s.seq_len)
+        policy = policy_class(sim_root(s), transformer, vae, s.height, s.width, seq, getattr(s, "guidance", 3.5),
+                              device=device, dtype=dtype, embed_dtype=torch.bfloat16)
     return policy, transformer
 
 
 def encode(s, device, dtype=torch.float32):
-    """The prompt encoding as policy.flux.FluxPolicy.encode_prompts runs it (T5-XXL and CLIP-L in the policy's
+    """The prompt encoding as policy.flux.FluxPolicy.encode runs it (T5-XXL and CLIP-L in the policy's
     dtype, batch 1, then freed) -> the stored Cond in bf16. In bf16 T5's `wo` layers stay fp32, as from_pretrained
     keeps them."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -366,3 +405,71 @@ def encode(s, device, dtype=torch.float32):
         pooled = clip_text(torch.zeros(1, 77, dtype=torch.long, device=device)).pooler_output  # (1, P)
     del t5, clip_text
     return Cond(seq.bfloat16(), pooled.bfloat16())
+
+
+def _built(dtype, device, make):
+    """make() with its parameters created on `device` in `dtype` (.to() cannot swap tracked fake parameters)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make().eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def encode_family(s, device, dtype=torch.float32):
+    """The encoding of a family with classifier-free guidance (bench/scale.py Setting.family), as its policy's encode
+    runs it: its text encoders built in the policy's dtype on the device, one forward of batch 2 (the prompt and the
+    negative prompt, one batch as Policy.encode_prompts encodes them), then freed -> (the prompt's Cond, the
+    negative's), bf16 (the stored embed dtype).
+      sd3.5-*     CLIP-L and CLIP-G (CLIPTextModelWithProjection, 77 tokens, hidden states kept: the policy takes the
+                  penultimate) and T5-XXL (seq_len tokens; `wo` in fp32 under bf16, as from_pretrained keeps it):
+                  prompt_embeds (1, 77 + seq_len, 4096), pooled (1, 2048);
+      qwen-image  Qwen2_5_VLForConditionalGeneration (the 7B language model, its lm_head and the vision tower, all
+                  loaded by the pipeline) over template_len + seq_len tokens, hidden states kept: prompt_embeds
+                  (1, seq_len, 3584) and its mask; the negative " " has negative_len tokens."""
+    if s.family.startswith("sd3.5"):
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+        from policy.sd3 import Cond
+
+        def t5_make():
+            t5 = T5EncoderModel(T5Config(**s.t5))
+            for name, m in t5.named_modules():
+                if dtype != torch.float32 and name.rsplit(".", 1)[-1] in T5EncoderModel._keep_in_fp32_modules:
+                    m.weight = torch.nn.Parameter(m.weight.float(), requires_grad=m.weight.requires_grad)
+            return t5
+        clips = [_built(dtype, device, lambda c=c: CLIPTextModelWithProjection(CLIPTextConfig(**c)))
+                 for c in (s.clip_text, s.clip_g)]
+        t5 = _built(dtype, device, t5_make)
+        with torch.no_grad():
+            seqs, pooled = [], []
+            for clip in clips:
+                out = clip(torch.zeros(2, 77, dtype=torch.long, device=device), output_hidden_states=True)
+                seqs.append(out.hidden_states[-2])
+                pooled.append(out[0])
+            seq_t5 = t5(torch.zeros(2, s.seq_len, dtype=torch.long, device=device))[0]
+            seq = torch.cat(seqs, -1)
+            seq = torch.nn.functional.pad(seq, (0, seq_t5.shape[-1] - seq.shape[-1]))
+            seq, pooled = torch.cat([seq, seq_t5], -2), torch.cat(pooled, -1)
+        del clips, t5
+        both = [Cond(seq[j:j + 1].bfloat16().clone(), pooled[j:j + 1].bfloat16().clone()) for j in (0, 1)]
+        return both[0], both[1]
+    if s.family == "qwen-image":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from policy.qwen_image import Cond
+        cfg = Qwen2_5_VLConfig(text_config=dict(s.t5), vision_config=dict(s.vision),
+                               **{k: s.t5[k] for k in ("hidden_size", "vocab_size")})
+        encoder = _built(dtype, device, lambda: Qwen2_5_VLForConditionalGeneration(cfg))
+        n = s.template_len + s.seq_len
+        mask = torch.ones(2, n, dtype=torch.long, device=device)
+        mask[1, s.template_len + s.negative_len:] = 0  # the negative, padded to the prompt's length
+        with torch.no_grad():
+            hidden = encoder(input_ids=torch.zeros(2, n, dtype=torch.long, device=device), attention_mask=mask,
+                             output_hidden_states=True).hidden_states[-1]
+        del encoder
+        cond, neg = (hidden[j:j + 1, s.template_len:s.template_len + k].bfloat16().clone()
+                     for j, k in ((0, s.seq_len), (1, s.negative_len)))
+        return (Cond(cond, torch.ones(1, s.seq_len, dtype=torch.long, device=device)),
+                Cond(neg, torch.ones(1, s.negative_len, dtype=torch.long, device=device)))
+    raise ValueError(f"encode_family: {s.family!r} has no classifier-free guidance (FLUX.1: encode)")

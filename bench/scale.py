@@ -2,6 +2,16 @@
 
     make bench-scale                                   # world sizes 8 and 16 in parallel, ~3.5 min of CPU each
     python bench/scale.py --worlds 8 16 --out runs/bench-scale/results.md
+    python bench/scale.py --family qwen-image          # or sd3.5-medium, sd3.5-large (make bench-scale-families):
+                                                       # 8 GPUs full and 1 GPU LoRA, runs/bench-scale/<family>/
+
+Families (--family): flux1-dev (the default, below), and at their released configs and usual training sizes
+(bench/released.py) sd3.5-medium (512 px), sd3.5-large (1024 px), qwen-image (1024 px), each with G2RPO's Table-4
+settings. Their policies (policy/sd3.py, policy/qwen_image.py) guide with classifier-free guidance: every velocity is
+ONE transformer call of 2B rows (Policy.rows_velocity), which the replay below keys by its B samples; the encoding
+runs the family's text encoders (SD3.5: CLIP-L, CLIP-G, T5-XXL; Qwen-Image: Qwen2.5-VL-7B, its vision tower loaded
+and counted though unused) on the prompt and the negative prompt in one batch. Qwen-Image's padded text mask is
+passed as None (a fake tensor's mask.all() answers True): its attention is counted unmasked, same shapes.
 
 What is simulated: one rank of `torchrun --nproc_per_node W train.py --model FLUX.1-dev` (Table 4: T = 16,
 G = 12, M = the first 8 steps, Lambda = {1, 2, 3}, 720x720, one prompt per GPU), run through the
@@ -71,6 +81,35 @@ class Setting:
     M: tuple = tuple(range(8))
     Lambda: tuple = (1, 2, 3)
     lora_rank: int = 0  # train.py --lora-rank: frozen bf16 base, fp32 adapters (alpha = 2 rank), AdamW on the adapters
+    # the other families (--family; their configs: bench/released.py). flux1-dev: the fields above, nothing else
+    family: str = "flux1-dev"
+    guidance: float = 3.5  # FLUX.1-dev's distilled guidance; the CFG scale of sd3.5-* and qwen-image
+    clip_g: dict = None  # SD3.5's text_encoder_2 (CLIP-G); clip_text is then its CLIP-L (with projection)
+    vision: dict = None  # Qwen-Image: the Qwen2.5-VL vision tower's config (loaded with the text encoder, unused);
+    # t5 is then the Qwen2.5-VL language model's config, seq_len the prompt's tokens (its Cond's length)
+    negative_len: int = 0  # Qwen-Image: tokens of the negative prompt " " (its Cond's length)
+    template_len: int = 0  # Qwen-Image: the chat template's tokens before the prompt (encoded, then dropped)
+
+
+FAMILIES = ("flux1-dev", "sd3.5-medium", "sd3.5-large", "qwen-image")
+
+
+def family_setting(family: str, **kw) -> Setting:
+    """The Setting of a family's released configuration at its usual training size (bench/released.py says where
+    each number comes from), G2RPO's Table-4 settings (T, G, M, Lambda, one prompt per GPU) kept for every family."""
+    from bench import released as r
+    if family == "flux1-dev":
+        return Setting(**kw)
+    if family in ("sd3.5-medium", "sd3.5-large"):
+        medium = family == "sd3.5-medium"
+        return Setting(family=family, transformer=dict(r.SD35_MEDIUM if medium else r.SD35_LARGE),
+                       vae=dict(r.SD35_VAE), t5=dict(T5_XXL), clip_text=dict(r.SD35_CLIP_L), clip_g=dict(r.SD35_CLIP_G),
+                       **(r.SD35_MEDIUM_SETTING if medium else r.SD35_LARGE_SETTING), **kw)
+    if family == "qwen-image":
+        return Setting(family=family, transformer=dict(r.QWEN_IMAGE), vae=dict(r.QWEN_IMAGE_VAE),
+                       t5=dict(r.QWEN_VL_TEXT), clip_text=None, vision=dict(r.QWEN_VL_VISION), **r.QWEN_IMAGE_SETTING,
+                       **kw)
+    raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
 
 
 def tiny_setting(size: int = 32, heads: int = 2, head_dim: int = 16) -> Setting:
@@ -92,6 +131,37 @@ def tiny_setting(size: int = 32, heads: int = 2, head_dim: int = 16) -> Setting:
         clip_text=dict(vocab_size=100, hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
                        max_position_embeddings=77, projection_dim=24),
         reward=reward, reward_size=32, height=size, width=size, seq_len=16, T=4, G=2, M=(0, 1), Lambda=(1, 2))
+
+
+def tiny_family_setting(family: str, size: int = 32, heads: int = 2, head_dim: int = 16) -> Setting:
+    """tiny_setting's counterpart for the other families (tests/test_scale.py): the same classes as
+    family_setting's at toy size (as tests/tiny_sd3.py and tests/tiny_qwen_image.py build them), 2 blocks, VAE 2x
+    (SD3) or 4x (Qwen-Image), 2-layer text encoders."""
+    s = tiny_setting(size, heads, head_dim)
+    if family == "flux1-dev":
+        return s
+    if family.startswith("sd3.5"):
+        clip = dict(vocab_size=100, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=77)
+        return replace(s, family=family, guidance=4.5, transformer=dict(
+            sample_size=size // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
+            caption_projection_dim=heads * head_dim, pooled_projection_dim=20, pos_embed_max_size=size // 4,
+            dual_attention_layers=(0,), qk_norm="rms_norm"),
+            vae={**s.vae, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+            clip_text=dict(clip, hidden_size=12, projection_dim=8),
+            clip_g=dict(clip, hidden_size=16, projection_dim=12))
+    if family == "qwen-image":
+        text = dict(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+        return replace(s, family=family, guidance=4.0, seq_len=12, negative_len=6, template_len=5, transformer=dict(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=head_dim,
+            num_attention_heads=heads, joint_attention_dim=16, axes_dims_rope=(head_dim // 4, 3 * head_dim // 8,
+                                                                                3 * head_dim // 8)),
+            vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True]),
+            t5=text, clip_text=None, vision=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                                                 out_hidden_size=16))
+    raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +229,7 @@ def track(model, optim, policy, hps):
     from torch.distributed.fsdp import FSDPModule
     if isinstance(model, FSDPModule):
         tracker = FSDPMemTracker(model, optim)
-        tracker.track_external(policy.vae, hps.model, policy.img_ids)
+        tracker.track_external(policy.vae, hps.model, *([policy.img_ids] if hasattr(policy, "img_ids") else []))
     else:
         tracker = measure.plain_tracker(model)
         tracker.track_external(model, optim)
@@ -179,10 +249,18 @@ def iteration(s: Setting, a, rec, hps, policy, model, optim, step, full: bool, c
         for p in trainable(model):
             p.grad = torch.zeros_like(p)
         step(model, optim, a.max_grad_norm)
-        with rec.phase("encode", note=f"T5-XXL + CLIP-L in {str(policy.dtype)[6:]} (the policy's dtype), batch 1"):
-            cond = measure.encode(s, device, policy.dtype)
+        if s.family == "flux1-dev":
+            with rec.phase("encode", note=f"T5-XXL + CLIP-L in {str(policy.dtype)[6:]} (the policy's dtype), batch 1"):
+                cond = measure.encode(s, device, policy.dtype)
+        else:  # the prompt and the negative prompt in one batch, as Policy.encode_prompts encodes them
+            with rec.phase("encode", note=f"{ENCODERS[s.family]} in {str(policy.dtype)[6:]} (the policy's dtype), "
+                           "batch 2 (the prompt and the negative)"):
+                cond, negative = measure.encode_family(s, device, policy.dtype)
+            # classifier-free guidance: Policy.rows_velocity asks the policy itself for the negative's conditioning
+            policy.embed = lambda p: negative if p == policy.NEGATIVE_PROMPT else cond
         sampled, A = sample(rec, policy, caller, hps, cond, a, full, device)
         stats = train_phases(rec, policy, caller, optim, sampled, A, a, step, full, checkpointing)
+        policy.__dict__.pop("embed", None)
         with rec.phase("checkpoint", note="get_state_dict(model, optim) as launch.checkpoints.save"):
             msd, osd = get_state_dict(model, optim, options=checkpoints.trained_only())
             ckpt_bytes = sum(measure.nbytes(t.to_local() if hasattr(t, "to_local") else t)
@@ -193,6 +271,11 @@ def iteration(s: Setting, a, rec, hps, policy, model, optim, step, full: bool, c
                 calls={label: {str(sig): c[0] for sig, c in memo.items()} for label, memo in rec.calls.items()})
 
 
+CFG = "; classifier-free guidance: 2 transformer rows per sample, one batched call"
+ENCODERS = {"sd3.5-medium": "CLIP-L + CLIP-G + T5-XXL", "sd3.5-large": "CLIP-L + CLIP-G + T5-XXL",
+            "qwen-image": "Qwen2.5-VL-7B (vision tower loaded, unused)"}
+
+
 def sample(rec, policy, caller, hps, cond, a, full: bool, device):
     """Lines 6-20 through train.sample_prompt under train.Gathered, for one prompt. It is handed the plan, the policy
     and the reward with their rollout, decode and score as phases of `rec`, the policy's embed answering `cond` (the
@@ -200,14 +283,15 @@ def sample(rec, policy, caller, hps, cond, a, full: bool, device):
     all run) -> (train.Sampled, its advantages)."""
     import train
     from advantage import mixed_advantage
-    from sde import sigma_grid
     prompt = "a photo of a cat"
     hps.text_features([prompt])
-    plan = train.make_plan(a, sigma_grid(a.T, a.shift).to(device))
+    plan = train.make_plan(a, policy.sigmas(a.T, a.shift).to(device))
     velocity = partial(rec.replayed, key=lambda x, t: x.shape[0], label="transformer", replay=not full)
     rollout = rec.wrap("rollout", lambda v, *r: plan.rollout(velocity(v), *r),
-                       note="singular_rollout under train.Gathered (parameters gathered once)")
-    decode = rec.wrap("decode", policy.decode, note="VAE fp32, 8 images per call")
+                       note="singular_rollout under train.Gathered (parameters gathered once)"
+                       + (CFG if policy.rows_per_sample == 2 else ""))
+    decode = rec.wrap("decode", policy.decode, note="VAE fp32, 8 images per call" if policy.rows_per_sample == 1
+                      else f"VAE {str(policy.vae.dtype)[6:]}, 8 images per call")
     score = rec.wrap("reward", hps.score, note="HPS (ViT-H-14 fp32, 224 px), all images in one call")
     policy.vae.decode = rec.replayed(policy.vae.decode, key=lambda z, **k: z.shape[0], label="vae", replay=not full)
     caller.model.eval()
@@ -244,23 +328,25 @@ def train_phases(rec, policy, caller, optim, sampled, A, a, step, full: bool, ch
                 rec.tracker._update_and_maybe_create_winfos(*kind, True)
         one = replace(sampled, rollout=replace(sampled.rollout, groups=sampled.rollout.groups[:1]))
         with rec.phase(f"train per-k{tag}", scale=1 if short else n,
-                       note=f"{n} x (forward+backward, batch 1)" + ("" if short else ": 1 run, counts x n")):
+                       note=f"{n} x (forward+backward, batch 1)" + ("" if short else ": 1 run, counts x n")
+                       + (CFG if policy.rows_per_sample == 2 else "")):
             stats = train.update(policy, caller, optim, [sampled if short else one], [A if short else A[:1]], a,
                                  step=rec.wrap(f"optimizer step{tag}", step, note="clip_grad_norm_ + AdamW"))
         with rec.phase(f"train one-pass{tag}", note=f"1 x (forward+backward, batch {n}): train.update "
-                       "--rescore-batch 0, its optimizer step included"):
+                       "--rescore-batch 0, its optimizer step included" + (CFG if policy.rows_per_sample == 2 else "")):
             train.update(policy, caller, optim, [sampled], [A], replace(a, rescore_batch=0), step=step)
         optim.zero_grad(set_to_none=True)
     return stats
 
 
-def run_world(world: int, full: bool, lora_rank: int = 0) -> dict:
+def run_world(world: int, full: bool, lora_rank: int = 0, family: str = "flux1-dev") -> dict:
     """One process = one fake process group of `world` ranks; we are rank 0."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        return simulate(Setting(lora_rank=lora_rank), fake=True, full=full)
+        result = simulate(family_setting(family, lora_rank=lora_rank), fake=True, full=full)
+        return result if family == "flux1-dev" else {**result, "family": family}
     finally:
         dist.destroy_process_group()
 
@@ -358,11 +444,24 @@ def analyse(r: dict, iterations: int) -> dict:
     return out
 
 
+TITLES = {"flux1-dev": "FLUX.1-dev", "sd3.5-medium": "Stable Diffusion 3.5 Medium",
+          "sd3.5-large": "Stable Diffusion 3.5 Large", "qwen-image": "Qwen-Image"}
+
+
 def markdown(results: list, analyses: list, args) -> str:
     """The tables of results.md."""
     gb = lambda b: f"{b / GiB:.1f}"  # noqa: E731
-    lines = ["# One G2RPO iteration of FLUX.1-dev, simulated (`python bench/scale.py`)", "",
-             f"Table 4 setting: T = 16, G = 12, M = 8 steps, Lambda = {{1, 2, 3}}, 720x720, one prompt per GPU. "
+    family = getattr(args, "family", "flux1-dev")
+    if family == "flux1-dev":
+        title, size = "# One G2RPO iteration of FLUX.1-dev, simulated (`python bench/scale.py`)", "720x720"
+    else:
+        f = family_setting(family)
+        title = f"# One G2RPO iteration of {TITLES[family]}, simulated (`python bench/scale.py --family {family}`)"
+        size = f"{f.height}x{f.width}, classifier-free guidance {f.guidance} (2 transformer rows per sample; " \
+               f"'batch' below counts samples), {'T5 ' if f.family != 'qwen-image' else ''}text tokens {f.seq_len}" \
+               f"{f', negative prompt {f.negative_len}' if f.negative_len else ''} (configs: bench/released.py)"
+    lines = [title, "",
+             f"Table 4 setting: T = 16, G = 12, M = 8 steps, Lambda = {{1, 2, 3}}, {size}, one prompt per GPU. "
              f"Per rank; memory in GiB (FSDPMemTracker on fake tensors; without FSDP MemTracker), time = roofline "
              f"at {MFU:.0%} of dense "
              f"peak (bf16 {PEAK['bf16'] / 1e12:.0f}, fp32 {PEAK['fp32'] / 1e12:.0f}, TF32 conv "
@@ -371,7 +470,7 @@ def markdown(results: list, analyses: list, args) -> str:
         W = r["world"]
         lora = f", LoRA rank {r['lora_rank']} ({r['trained'] / 1e6:.0f} M trained parameters, frozen bf16 base)" \
             if r.get("lora_rank") else ""
-        lines += [f"## World size {W}{lora}", "",
+        lines += [f"## {'' if family == 'flux1-dev' else TITLES[family] + ': '}World size {W}{lora}", "",
                   f"{r['params'] / 1e9:.2f} B parameters: {gb(r['param_shard_bytes'])} GiB of them per rank ("
                   f"{'the frozen bf16 base and fp32 adapters' if r.get('lora_rank') else 'fp32'}"
                   f"{' shard' if r.get('sharded', True) else ', whole: no FSDP at world size 1'}), "
@@ -411,19 +510,27 @@ def markdown(results: list, analyses: list, args) -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worlds", type=int, nargs="*", default=[8, 16], help="world sizes (GPUs), one process each")
+    p.add_argument("--worlds", type=int, nargs="*", help="world sizes (GPUs), one process each (default: 8 and 16 for "
+                   "flux1-dev, 8 for the other families)")
     p.add_argument("--lora-worlds", type=int, nargs="*", default=[1], help="world sizes simulated with LoRA")
     p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank of those (alpha = 2 rank)")
     p.add_argument("--iterations", type=int, default=300, help="training iterations of the whole run")
     p.add_argument("--full", action="store_true", help="run every model call (slow) instead of replaying repeats")
-    p.add_argument("--out", default="runs/bench-scale/results.md", help="markdown table; results.json beside it")
+    p.add_argument("--family", default="flux1-dev", choices=FAMILIES,
+                   help="the model family, at its released configuration and usual training size (bench/released.py)")
+    p.add_argument("--out", help="markdown table; results.json beside it (default: runs/bench-scale/results.md, for "
+                   "another family than flux1-dev runs/bench-scale/<family>/results.md)")
     p.add_argument("--report", action="store_true", help="only rebuild the tables from the results.json beside --out")
     p.add_argument("--world", type=int, help=argparse.SUPPRESS)  # internal: simulate one world, write --json
     p.add_argument("--json", help=argparse.SUPPRESS)
     p.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.worlds is None:
+        a.worlds = [8, 16] if a.family == "flux1-dev" else [8]
     if any(w < 1 for w in a.worlds) or a.iterations < 1:
         raise SystemExit(f"bench/scale.py: --worlds and --iterations must be >= 1, got {a.worlds} and {a.iterations}")
+    if a.out is None:
+        a.out = "runs/bench-scale/results.md" if a.family == "flux1-dev" else f"runs/bench-scale/{a.family}/results.md"
     if not a.out.endswith(".md"):
         raise SystemExit(f"bench/scale.py: --out {a.out}: give a .md path (results.json is written beside it)")
     return a
@@ -433,7 +540,7 @@ def main(argv=None):
     a = parse(argv)
     if a.world:  # one world in this process (a fake process group is set up once per process)
         t0 = time.process_time()
-        result = run_world(a.world, a.full, a.lora_rank if a.lora else 0)
+        result = run_world(a.world, a.full, a.lora_rank if a.lora else 0, a.family)
         Path(a.json).write_text(json.dumps({**result, "sim_seconds": time.process_time() - t0}, default=float))
         return
     out, t0 = Path(a.out), time.time()
@@ -441,6 +548,7 @@ def main(argv=None):
         if not out.with_suffix(".json").is_file():
             raise SystemExit(f"bench/scale.py: --report: no {out.with_suffix('.json')} (run without --report first)")
         results = json.loads(out.with_suffix(".json").read_text())["results"]
+        a.family = next((r["family"] for r in results if "family" in r), a.family)  # the tables' family: the run's
     else:
         results = simulate_worlds(a, out)
     analyses = [analyse(r, a.iterations) for r in results]
@@ -461,7 +569,7 @@ def simulate_worlds(a, out: Path) -> list:
         name = f"world{w}" + (f"-lora{a.lora_rank}" if lora else "")
         js, log = out.parent / f"{name}.json", out.parent / f"{name}.log"
         cmd = [sys.executable, __file__, "--world", str(w), "--json", str(js), "--lora-rank", str(a.lora_rank)] + \
-            ["--full"] * a.full + ["--lora"] * lora
+            ["--full"] * a.full + ["--lora"] * lora + ["--family", a.family] * (a.family != "flux1-dev")
         jobs.append((w, js, log, subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
     results = []
     for w, js, log, proc in jobs:

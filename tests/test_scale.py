@@ -91,5 +91,58 @@ def test_simulated_peak_memory_matches_the_real_run(runs):
         assert fake["train per-k"][key] == real["train per-k"][key] > 0
 
 
+# ------------------------------------------------------------------------------------------------
+# The other families (bench/scale.py --family): a tiny config of the same classes, one iteration on real tensors
+# ------------------------------------------------------------------------------------------------
+FAMILY_POLICY = {"sd3.5-medium": ("policy.sd3", "SD3Policy"), "qwen-image": ("policy.qwen_image", "QwenImagePolicy")}
+
+
+@pytest.fixture(scope="module", params=["sd3.5-medium", "sd3.5-large", "qwen-image"])
+def family_run(request):
+    """One iteration of the family's tiny config at world size 1 (FSDP2, bf16 full fine-tuning) on REAL tensors in a
+    gloo group of one, the simulation's own code (bench.scale.simulate), with FlopCounterMode alongside; the rows of
+    every transformer call recorded (the policy's forward)."""
+    import importlib
+    import torch.distributed as dist
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, str(ROOT))
+    from bench import scale
+    family = request.param
+    module, name = FAMILY_POLICY.get(family, FAMILY_POLICY["sd3.5-medium"])
+    cls = getattr(importlib.import_module(module), name)
+    rows, forward = [], cls.forward
+
+    def recorded(self, net, x, t, cond):
+        rows.append((x.shape[0], cond.prompt_embeds.shape[0]))
+        return forward(self, net, x, t, cond)
+    cls.forward = recorded
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with FlopCounterMode(display=False) as fc:
+            result = scale.simulate(scale.tiny_family_setting(family), fake=False, full=True, flop_counter=fc)
+    finally:
+        dist.destroy_process_group()
+        cls.forward = forward
+    return family, result, rows
+
+
+def test_family_iteration_runs_on_real_tensors(family_run):
+    import math
+    family, r, rows = family_run
+    s = __import__("bench.scale", fromlist=["tiny_family_setting"]).tiny_family_setting(family)
+    assert set(PHASES) | {"checkpoint"} <= set(r["phases"]) and r["loss_ok"], family
+    for name in PHASES:
+        p = r["phases"][name]
+        assert p["peak"]["Total"] > 0 and math.isfinite(p["flops"]), (family, name)
+        assert p["flops"] == p["flop_counter"], (family, name)  # the Meter's count = FlopCounterMode's
+    assert r["phases"]["rollout"]["flops"] > 0 and r["phases"]["train per-k"]["flops"] > 0
+    assert r["images"] == len(s.Lambda) * len(s.M) * s.G + 1
+    # classifier-free guidance: every transformer call has 2 rows per sample, its conditioning as many
+    assert rows and all(x == c and x % 2 == 0 for x, c in rows), (family, rows)
+    assert {x // 2 for x, _ in rows} >= {1, s.G}, (family, rows)  # the anchor, then groups of G
+    # the recorder's replay keys count samples (the velocity's input), not transformer rows
+    assert set(r["calls"]["transformer"]) == {str(x // 2) for x, _ in rows}, family
+
+
 if __name__ == "__main__":
     worker(*sys.argv[1:])
