@@ -9,7 +9,6 @@ parity of each policy with its pipeline is in tests/test_sd3.py and tests/test_q
 import hashlib
 import importlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,8 @@ FAMILIES = {  # family: (tiny builder module, its save function, the pipeline cl
     "qwen_image": ("tiny_qwen_image", "save_tiny_qwen_image", "QwenImagePipeline"),
 }
 PROMPTS = ["a photo of a red cat", "a small blue house", "a big green tree in the sky", "a dog on the house"]
-FLAGS = ["--reward", "toy-clean", "--T", "3", "--sde-steps", "0", "1", "--lr", "1e-2", "--mixed-precision", "bf16",
-         "--lora-rank", "4", "--checkpoint-every", "1", "--keep-checkpoints", "3"]
+FLAGS = ["--reward", "toy-clean", "--G", "3", "--Lambda", "1", "2", "--T", "3", "--sde-steps", "0", "1", "--lr", "1e-2",
+         "--mixed-precision", "bf16", "--lora-rank", "4", "--checkpoint-every", "1", "--keep-checkpoints", "3"]
 SIZE = 32
 
 
@@ -166,5 +165,3 @@ def test_a_missing_part_is_named(folders, family, tmp_path):
     assert f"has no {part}/ subfolder" in folder_problem(copy), folder_problem(copy)
     assert folder_problem(folder) == ""
 
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
