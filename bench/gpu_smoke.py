@@ -27,7 +27,7 @@ Steps (each a subprocess with a timeout; its output in OUT/logs/STEP.log):
                     MODEL: base (the tiny FLUX), export (train-ws1's final/), ckpt (train-ws1's newest DCP
                     checkpoint, read over the base), lora (train-lora's adapter)
   train-FAMILY      the other families (policy/families.py): a tiny Stable Diffusion 3.5 and a tiny Qwen-Image
-                    (tests/tiny_sd3.py, tests/tiny_qwen_image.py: the real classes, built by `build`), LoRA rank 4,
+                    (tests/tiny_sd3.py, tests/tiny_qwen_image.py: the real classes, built by the step), LoRA rank 4,
                     bf16, classifier-free guidance, 2 iterations on 2 processes where two devices (else 1), checkpoint
                     after 1, then evaluate.py (PickScore) on the export
   gpu-check         bench/gpu_check.py (on the CPU: --device cpu --tiny)
@@ -96,11 +96,6 @@ def build(work: Path):
     tiny_flux.save_tiny_flux(p["flux"])
     (p["flux"] / "g2rpo.json").write_text(json.dumps({"height": SIZE, "width": SIZE, "max_sequence_length": 32}))
     print(f"tiny FLUX (VAE, CLIP + T5 encoders) in {p['flux']} ({time.time() - t0:.1f} s)", flush=True)
-    import importlib
-    for family, (module, save) in FAMILIES.items():  # the other families, as their pipelines' save_pretrained writes them
-        getattr(importlib.import_module(module), save)(p[family])
-        (p[family] / "g2rpo.json").write_text(json.dumps({"height": SIZE, "width": SIZE, "max_sequence_length": 16}))
-    print(f"tiny {', '.join(FAMILIES)} in {work} ({time.time() - t0:.1f} s)", flush=True)
     for key, prompts in (("prompts", TRAIN_PROMPTS), ("probes", PROBE_PROMPTS), ("eval_prompts", EVAL_PROMPTS)):
         p[key].write_text("\n".join(prompts) + "\n")
 
@@ -290,12 +285,25 @@ def check_lora(c: Ctx, log: str) -> str:
     return ""
 
 
+def build_family(work: Path, family: str):
+    """The tiny model of `family` in the work folder, as its pipeline's save_pretrained writes it (its step's first
+    command: built only when the step runs)."""
+    import importlib
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    module, save = FAMILIES[family]
+    folder = paths(work)[family]
+    getattr(importlib.import_module(module), save)(folder)
+    (folder / "g2rpo.json").write_text(json.dumps({"height": SIZE, "width": SIZE, "max_sequence_length": 16}))
+    print(f"tiny {family} in {folder}", flush=True)
+
+
 def family_run(family: str):
     def commands(c: Ctx):
         out = c.work / f"train-{family}"
         flags = train_flags(c, out)
         flags[flags.index("--model") + 1] = str(c.p[family])
-        return [launcher(pair_world(c)) + [str(ROOT / "train.py"), *flags, "--lora-rank", "4", "--lora-alpha", "8",
+        return [[sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "_build_family", str(c.work), family],
+                launcher(pair_world(c)) + [str(ROOT / "train.py"), *flags, "--lora-rank", "4", "--lora-alpha", "8",
                                            "--iterations", "2", "--checkpoint-every", "1", "--overwrite",
                                            *c.step_args.get(f"train-{family}", [])],
                 [sys.executable, str(ROOT / "evaluate.py"), "--model", str(out / "final"), "--prompts",
@@ -610,6 +618,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_build"]:
         return build(Path(argv[1])) or 0
+    if argv[:1] == ["_build_family"]:
+        return build_family(Path(argv[1]), argv[2]) or 0
     if argv[:1] == ["_exec"]:
         return exec_script(argv[1], argv[2:]) or 0
     a = parse_args(argv)

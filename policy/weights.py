@@ -64,17 +64,30 @@ def build_empty(transformer_class, config: dict, dtype):
     its buffers and other constant tensors real (SD3's position table, Qwen-Image's rotary frequencies), computed by
     its __init__ on the CPU and cast as from_pretrained casts them (floating buffers to `dtype`).
 
-    Built on the meta device outright when that leaves no constant tensor behind (FLUX: nothing is allocated at all);
-    else again with only the parameters sent to the meta device as they are registered (accelerate's
-    init_empty_weights: each layer's weight is allocated uninitialised on the CPU for an instant, its pages never
-    touched)."""
+    Built on the meta device outright (nothing is allocated). The constant tensors that leaves on the meta device
+    (none for FLUX) are taken from a donor: the same class with one block of each kind, built with only its parameters
+    sent to the meta device as they are registered (accelerate's init_empty_weights: each of its layers' weights is
+    allocated uninitialised on the CPU for an instant); the whole model is so built only when a constant lives in a
+    block."""
     from accelerate import init_empty_weights
     config = {k: v for k, v in config.items() if k != "_name_or_path"}
     with torch.device("meta"):
         transformer = transformer_class.from_config(config)
-    if _meta_constants(transformer):
+    if missing := _meta_constants(transformer):
+        small = {k: min(v, 1) if k.startswith("num_") and k.endswith("layers") and isinstance(v, int) else v
+                 for k, v in config.items()}  # num_layers, num_single_layers: the constants do not depend on them
         with init_empty_weights(include_buffers=False):
-            transformer = transformer_class.from_config(config)
+            donor = transformer_class.from_config(small)
+        if any(_get(donor, name) is None for name in missing):  # a constant inside a block: the whole model
+            with init_empty_weights(include_buffers=False):
+                donor = transformer = transformer_class.from_config(config)
+        for name in missing:
+            owner, attr = name.rpartition(".")[::2]
+            module = transformer.get_submodule(owner)
+            if attr in module._buffers:
+                module._buffers[attr] = _get(donor, name)
+            else:
+                setattr(module, attr, _get(donor, name))
     keep = transformer_class._keep_in_fp32_modules or []  # None for FLUX, SD3, Qwen-Image; from_pretrained's rule
     for name, m in transformer.named_modules():
         fp32 = any(k in f"{name}.".split(".") for k in keep)
@@ -86,6 +99,16 @@ def build_empty(transformer_class, config: dict, dtype):
             if b is not None and b.is_floating_point():
                 m._buffers[n] = b.to(dtype)
     return transformer
+
+
+def _get(module, name: str):
+    """The buffer or plain tensor attribute `name` ('pos_embed.pos_freqs') of `module`, or None."""
+    owner, attr = name.rpartition(".")[::2]
+    try:
+        value = getattr(module.get_submodule(owner), attr)
+    except AttributeError:
+        return None
+    return value if torch.is_tensor(value) and not value.is_meta else None
 
 
 def _meta_constants(module) -> list:
