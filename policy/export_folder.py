@@ -1,4 +1,4 @@
-"""How an exported folder is written (policy.flux.save_model_folder, policy.lora.save_lora): its bytes are a function
+"""How an exported folder is written (policy.weights.save_model_folder, policy.lora.save_lora): its bytes are a function
 of the weights and settings alone, and it is never seen half-written or half-deleted under its final name.
 
 Bytes. safetensors' writer lays the tensors out in one order (by dtype, then name), but holds the file's
