@@ -70,8 +70,6 @@ class FluxPolicy(Policy):
                  dtype=torch.bfloat16, cache_dir=None, embed_dtype=None):
         super().__init__(root, transformer, vae, height, width, max_sequence_length, guidance, device, dtype,
                          cache_dir, embed_dtype)
-        if not 0 < self.max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length must be in [1, 512] (T5 limit), got {max_sequence_length}")
         self.c = 3 if vae is None else vae.config.latent_channels
         self.f = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         if transformer.config.in_channels != 4 * self.c:

@@ -16,6 +16,7 @@ tests/test_sd3.py does.
                         (policy.weights.blocks)
     ENCODER_PARTS       the tokenizer and text-encoder subfolders (all required; their files key the prompt cache)
     LORA_TARGETS        default --lora-targets (module-name suffixes)
+    MAX_SEQUENCE_LENGTH the most text tokens max_sequence_length may ask for (512: T5)
     DEFAULTS            all four of height, width, max_sequence_length, guidance: used when neither the flags nor
                         the folder's g2rpo.json set them
     FP32_INPUTS         the transformer's keyword inputs that stay fp32 when FSDP2 casts the others to bf16 (those
@@ -78,6 +79,7 @@ class Policy:
     LORA_TARGETS = ()
     DEFAULTS = {}
     SHIFT = 3.0  # the static time shift of sigmas(T) when the family has no other schedule
+    MAX_SEQUENCE_LENGTH = 512  # the most text tokens its encoder reads (T5's 512)
     FP32_INPUTS = ("timestep", "guidance")
     Cond = None
     NEGATIVE_PROMPT = None
@@ -89,6 +91,9 @@ class Policy:
         self.embed_dtype = embed_dtype or dtype  # the prompt embeddings as stored (the precision they are used in)
         self.height, self.width = int(height), int(width)
         self.max_sequence_length, self.guidance = int(max_sequence_length), float(guidance)
+        if not 0 < self.max_sequence_length <= self.MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length must be in [1, {self.MAX_SEQUENCE_LENGTH}] ({type(self).__name__}'s "
+                             f"text encoder), got {max_sequence_length}")
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._memory = {}  # key -> Cond on CPU, when there is no cache_dir
         self._fingerprint = None

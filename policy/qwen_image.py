@@ -83,14 +83,13 @@ class QwenImagePolicy(Policy):
     # model card uses 4.0 too, at 1328 px for 1:1)
     DEFAULTS = {"height": 1024, "width": 1024, "max_sequence_length": 512, "guidance": 4.0}
     Cond = Cond
-    NEGATIVE_PROMPT = " "  # the model card's; without one the pipeline does no CFG
+    NEGATIVE_PROMPT = " "
+    MAX_SEQUENCE_LENGTH = TOKENIZER_MAX_LENGTH  # the pipeline's limit  # the model card's; without one the pipeline does no CFG
 
     def __init__(self, root, transformer, vae, height, width, max_sequence_length, guidance, device="cpu",
                  dtype=torch.bfloat16, cache_dir=None, embed_dtype=None):
         super().__init__(root, transformer, vae, height, width, max_sequence_length, guidance, device, dtype,
                          cache_dir, embed_dtype)
-        if not 0 < self.max_sequence_length <= TOKENIZER_MAX_LENGTH:
-            raise ValueError(f"max_sequence_length must be in [1, 1024] (the pipeline's limit), got {max_sequence_length}")
         if vae is None or transformer.config.guidance_embeds:
             raise ValueError("Qwen-Image needs its VAE and a transformer without guidance_embeds")
         self.c, self.f = vae.config.z_dim, 2 ** len(vae.config.temperal_downsample)

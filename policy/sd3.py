@@ -74,8 +74,6 @@ class SD3Policy(Policy):
                  dtype=torch.bfloat16, cache_dir=None, embed_dtype=None):
         super().__init__(root, transformer, vae, height, width, max_sequence_length, guidance, device, dtype,
                          cache_dir, embed_dtype)
-        if not 0 < self.max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length must be in [1, 512] (T5 limit), got {max_sequence_length}")
         if vae is None:
             raise ValueError(f"{self.root}: StableDiffusion3Pipeline needs a VAE (model_index.json names none)")
         cfg, self.c = transformer.config, vae.config.latent_channels

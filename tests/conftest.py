@@ -31,6 +31,17 @@ def one_rank_group(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and threads only contend for the cores (idle ones spin-wait). A test file
+    of tiny models uses it for all its tests: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (the OS picks it): for a torchrun or a process group of a test, so that tests
     running side by side (pytest -n) never share one."""

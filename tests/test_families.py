@@ -165,3 +165,13 @@ def test_a_missing_part_is_named(folders, family, tmp_path):
     assert f"has no {part}/ subfolder" in folder_problem(copy), folder_problem(copy)
     assert folder_problem(folder) == ""
 
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_text_length_beyond_the_encoder_is_refused(folders, family):
+    """max_sequence_length is checked once, by the interface, against the family's MAX_SEQUENCE_LENGTH."""
+    from policy.families import family_of
+    folder, _ = folders[family]
+    cls = family_of(folder)
+    with pytest.raises(ValueError, match=rf"max_sequence_length must be in \[1, {cls.MAX_SEQUENCE_LENGTH}\]"):
+        cls.from_pretrained(folder, dtype=torch.float32, max_sequence_length=cls.MAX_SEQUENCE_LENGTH + 1)

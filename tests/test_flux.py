@@ -19,13 +19,7 @@ MAX_LEN = 16
 TOL = 1e-5  # fp32 on both sides; what remains is fp32 rounding (the pipeline passes sigma*1000/1000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: threads only contend for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ H = W = 32  # the tiny VAE downsamples 4x: latent 8x8, 16 tokens of 64 channels
 TOL = 1e-5  # fp32 on both sides; what remains is fp32 rounding (the pipeline passes float32(1000 sigma) / 1000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

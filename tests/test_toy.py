@@ -16,13 +16,7 @@ SIZE = 16
 TINY = toy.ToyConfig(heads=2, double_blocks=1, single_blocks=1, text_dim=16, text_layers=1, steps=2, batch=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy CPU (idle threads spin-wait)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 # ---------------------------------------------------------------- the world
