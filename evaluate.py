@@ -474,4 +474,4 @@ def evaluate_all(a: Args, rank: int, world: int, device) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    collectives.run_then_exit(main)  # not Python's shutdown: see run_then_exit

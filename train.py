@@ -415,4 +415,4 @@ def train(a: Args):
 
 
 if __name__ == "__main__":
-    main()
+    collectives.run_then_exit(main)  # not Python's shutdown: see run_then_exit

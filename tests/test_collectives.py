@@ -163,3 +163,62 @@ def test_the_loop_under_a_cuda_only_group(cuda_only_group, tmp_path):
         write_samples(policy, ["a red circle on the left"], (), a, tmp_path / "grid.png", False)
     assert "toy-adherence@1" in rec["reward_per_lambda"] and "grad_norm" in stats  # (fake values: no numbers)
     assert len(check.seen) >= 3 and {d for _, d in check.seen} == {"cuda"}
+
+
+# Two gloo ranks (torchrun's environment, collectives.init). Rank 0's gloo worker finishes an all_reduce while Python's
+# last exit handler holds the GIL (~1 s in C), so the worker, about to drop the all_reduce's tensor (which Python holds
+# too), has checked that Python is running and waits for the GIL, which it gets only once Python has begun to shut
+# down. That is the race that aborted a finished train.py on a loaded host (seen there in an FSDP all-gather's work),
+# made certain.
+LATE_WORK = """
+import atexit
+atexit.register(sum, range(10**8))  # registered first, so run last: ~1 s in C with the GIL held
+import os, sys, time
+import torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from launch import collectives
+
+def main():
+    rank = collectives.init("cpu")[0]
+    if rank == 1:  # joins rank 0's all_reduce late, then leaves at once
+        time.sleep(0.5)
+        dist.all_reduce(torch.ones(4))
+        os._exit(0)
+    global t
+    t = torch.ones(4)
+    dist.all_reduce(t, async_op=True)
+    atexit.register(print, "exit handler ran")
+    print("main returned", flush=True)
+
+collectives.run_then_exit(main) if sys.argv[1] == "run_then_exit" else main()
+"""
+
+
+def test_exit_is_not_aborted_by_gloo_workers(tmp_path):
+    """Python's own shutdown aborts (SIGABRT, "terminate called without an active exception") when a gloo worker
+    takes the GIL during it to drop a tensor; collectives.run_then_exit, the way train.py and evaluate.py end (checked
+    here too), exits 0 with its output flushed and its exit handlers run. What this cannot stage is a worker that
+    starts waiting for the GIL after run_then_exit's last line: os._exit is what leaves that no shutdown to meet."""
+    for script in ("train.py", "evaluate.py"):
+        main_block = (ROOT / script).read_text().split('if __name__ == "__main__":')[1]
+        assert main_block.strip().startswith("collectives.run_then_exit(main)"), f"{script} ends with Python's shutdown"
+    import os
+    import subprocess
+    import sys
+    from conftest import free_port
+    script = tmp_path / "late_work.py"
+    script.write_text(LATE_WORK.format(root=str(ROOT)))
+    procs = {}
+    for how in ("python", "run_then_exit"):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        procs[how] = [subprocess.Popen([sys.executable, str(script), how], env={**env, "RANK": str(r),
+                                                                                 "LOCAL_RANK": str(r)},
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    out = {how: [p.communicate(timeout=120) + (p.returncode,) for p in ps] for how, ps in procs.items()}
+    (py_out, py_err, py_rc), (_, _, peer_rc) = out["python"]
+    assert peer_rc == 0 and py_out.startswith("main returned\n")
+    assert py_rc == -6 and "terminate called without an active exception" in py_err, (
+        f"Python's shutdown did not abort here (status {py_rc}): {py_err[-2000:]}")
+    (ok_out, ok_err, ok_rc), (_, _, peer_rc) = out["run_then_exit"]
+    assert peer_rc == 0 and ok_rc == 0 and ok_out == "main returned\nexit handler ran\n" and not ok_err, ok_err[-2000:]
