@@ -186,7 +186,7 @@ def run_then_exit(main, *args):
     and a worker lets go of a collective's tensors a moment after the collective has returned. Letting go of a tensor
     that Python also holds takes the GIL: the worker checks that Python is running, then waits for the GIL. If
     Python's shutdown begins in between, the worker is ended from inside a C++ destructor and the process aborts
-    ("terminate called without an active exception", SIGABRT) after a run that succeeded: 2 of ~75 two-rank
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded: 2 of 90 two-rank
     train.py runs on a loaded 2-core host, and once in CI. tests/test_collectives.py stages it for certain, and
     shows this exit without it. The same exit is used under NCCL (not yet run on a GPU).
 
