@@ -71,7 +71,8 @@ from sde import ode_step, sigma_grid
 
 class Policy:
     """The transformer (+ VAE) held in memory; prompts encoded on demand and cached (in memory, or one .pt per prompt
-    under cache_dir, keyed by a fingerprint of the encoders, the max length, the dtype and the prompt)."""
+    under cache_dir, keyed by a fingerprint of the encoders, the max length, the precision the encoders ran in, the
+    stored dtype and the prompt)."""
 
     PIPELINE = ""
     TRANSFORMER = None
@@ -240,7 +241,7 @@ class Policy:
             got = {k: entry.get(k) for k in want}
             if got != want:
                 raise ValueError(f"prompt cache entry {self._path(key)} was written for {got}, not {want} "
-                                 "(another text encoder, length, dtype or prompt): delete it to recompute")
+                                 "(another text encoder, length, precision or prompt): delete it to recompute")
             cond = self.Cond(**{f.name: entry[f.name] for f in dataclasses.fields(self.Cond)})
         return type(cond)(**{f: t.to(self.device) for f, t in _fields(cond)})
 
@@ -267,12 +268,13 @@ class Policy:
         return self._fingerprint
 
     def _meta(self, prompt: str) -> dict:
+        """What an entry depends on: the encoders' files, the length, the precision the encoders ran in (a LoRA run's
+        bf16 base and a full run's fp32 master give other embeddings, though both store bf16), the stored dtype."""
         return {"fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
-                "dtype": str(self.embed_dtype), "prompt": prompt}
+                "encoders_dtype": str(self.dtype), "dtype": str(self.embed_dtype), "prompt": prompt}
 
     def _key(self, prompt: str) -> str:
-        ident = json.dumps([self.fingerprint(), self.max_sequence_length, str(self.embed_dtype), prompt])
-        return hashlib.sha256(ident.encode()).hexdigest()
+        return hashlib.sha256(json.dumps(list(self._meta(prompt).values())).encode()).hexdigest()
 
     def _has(self, key: str) -> bool:
         return key in self._memory if self.cache_dir is None else self._path(key).is_file()

@@ -283,3 +283,16 @@ def test_embeddings_are_stored_in_the_precision_they_are_used_in(model_dir, tmp_
     assert torch.equal(cond.prompt_embeds, full.prompt_embeds.bfloat16()) and torch.equal(cond.pooled, full.pooled.bfloat16())
     stored = torch.load(next((tmp_path / "bf16").glob("*.pt")), weights_only=True)  # what the disk holds
     assert stored["prompt_embeds"].dtype == stored["pooled"].dtype == torch.bfloat16 and stored["dtype"] == "torch.bfloat16"
+
+
+def test_the_encoders_precision_is_part_of_the_key(model_dir, tmp_path, monkeypatch):
+    """A LoRA run under bf16 runs its text encoders in bf16, a full run in fp32 (its master weights); both store bf16.
+    In one run folder (--overwrite keeps the prompt cache) each must get its own embeddings, not the other's."""
+    t5 = CountingLoads(monkeypatch, "T5EncoderModel")
+    cache = tmp_path / "cache"
+    full = load(model_dir, dtype=torch.float32, cache_dir=cache, embed_dtype=torch.bfloat16).embed("a red house")
+    lora = load(model_dir, dtype=torch.bfloat16, cache_dir=cache, embed_dtype=torch.bfloat16).embed("a red house")
+    fresh = load(model_dir, dtype=torch.bfloat16, embed_dtype=torch.bfloat16).embed("a red house")  # no cache
+    assert t5.n == 3 and len(list(cache.glob("*.pt"))) == 2
+    assert torch.equal(lora.prompt_embeds, fresh.prompt_embeds) and torch.equal(lora.pooled, fresh.pooled)
+    assert not torch.equal(lora.prompt_embeds, full.prompt_embeds)  # the two precisions differ: sharing would show
