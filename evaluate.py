@@ -412,13 +412,18 @@ def arg_errors(a: Args) -> list:
 
 
 def size_errors(a: Args, refs: list):
-    """--height / --width against each model's latent multiple (its family's size_multiple: 16 for FLUX.1); None if
-    fine."""
+    """--height / --width against each model's latent multiple (its family's size_multiple: 16 for FLUX.1), then the
+    options each model would run with (its g2rpo.json: Policy.options); None if fine. Nothing is loaded."""
     for ref in refs:
-        m = family_of(ref.folder).size_multiple(ref.folder)
+        family = family_of(ref.folder)
+        m = family.size_multiple(ref.folder)
         for flag, v in (("height", a.height), ("width", a.width)):
             if v % m:
                 return f"--{flag} {v}: must be a multiple of {m} for {ref.name} (2x2 patches of its latent cells)"
+        try:
+            family.options(ref.folder, height=a.height, width=a.width, guidance=a.guidance)
+        except ValueError as e:
+            return f"{ref.name}: {e}"
     return None
 
 

@@ -176,6 +176,11 @@ def model_errors(a) -> list:
     errors = [f"--{flag} {v}: must be a multiple of {multiple} for this model (2x2 patches of its latent cells), e.g. "
               f"{max(multiple, v // multiple * multiple)}" for flag, v in (("height", a.height), ("width", a.width))
               if v % multiple]
+    if a.model and not errors:  # the folder's g2rpo.json, whose sizes and length would otherwise fail after loading
+        try:
+            family.options(a.model, height=a.height, width=a.width, guidance=a.guidance)
+        except ValueError as e:
+            errors.append(f"--model {a.model}: {e}")
     if a.lora_rank:
         if a.model:
             config = transformer_config(a.model)

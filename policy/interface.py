@@ -18,7 +18,7 @@ tests/test_sd3.py does.
     LORA_TARGETS        default --lora-targets (module-name suffixes)
     MAX_SEQUENCE_LENGTH the most text tokens max_sequence_length may ask for (512: T5)
     DEFAULTS            all four of height, width, max_sequence_length, guidance: used when neither the flags nor
-                        the folder's g2rpo.json set them
+                        the folder's g2rpo.json set them (`options` resolves and checks the four, nothing loaded)
     FP32_INPUTS         the transformer's keyword inputs that stay fp32 when FSDP2 casts the others to bf16 (those
                         the transformer embeds or casts itself: the timestep, the guidance)
     Cond                a dataclass of tensors, each with batch dimension 1 first: one prompt's conditioning c (any
@@ -61,6 +61,7 @@ import gc
 import hashlib
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -93,8 +94,8 @@ class Policy:
         self.height, self.width = int(height), int(width)
         self.max_sequence_length, self.guidance = int(max_sequence_length), float(guidance)
         if not 0 < self.max_sequence_length <= self.MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"max_sequence_length must be in [1, {self.MAX_SEQUENCE_LENGTH}] ({type(self).__name__}'s "
-                             f"text encoder), got {max_sequence_length}")
+            raise ValueError(f"max_sequence_length {max_sequence_length!r}: must be in [1, {self.MAX_SEQUENCE_LENGTH}] "
+                             f"({type(self).__name__}'s text encoder)")
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._memory = {}  # key -> Cond on CPU, when there is no cache_dir
         self._fingerprint = None
@@ -110,16 +111,57 @@ class Policy:
         root = Path(path)
         if why := cls.folder_problem(root):
             raise FileNotFoundError(f"{cls.family()} model folder {root} {why}")
-        extra = root / "g2rpo.json"
-        opts = {**cls.DEFAULTS, **(json.loads(extra.read_text()) if extra.is_file() else {})}
-        given = dict(height=height, width=width, max_sequence_length=max_sequence_length, guidance=guidance)
-        opts = {k: given[k] if given[k] else opts[k] for k in ("height", "width", "max_sequence_length", "guidance")}
+        opts = cls.options(root, height=height, width=width, max_sequence_length=max_sequence_length,
+                           guidance=guidance)  # checked before anything is loaded
         if transformer is None:
             transformer = load_transformer(WeightFiles(root / "transformer", cls.TRANSFORMER), device, dtype).eval()
         vae = cls.load_vae(root, dtype)
         vae = vae.to(device).eval() if vae is not None else None
         return cls(root, transformer, vae, **opts, device=device, dtype=dtype, cache_dir=cache_dir,
                    embed_dtype=embed_dtype)
+
+    OPTIONS = ("height", "width", "max_sequence_length", "guidance")
+
+    @classmethod
+    def options(cls, root, **given) -> dict:
+        """The four options of a model folder, each from `given` when set (not None or 0), else from the folder's
+        g2rpo.json, else DEFAULTS; checked (sizes against size_multiple, the length against MAX_SEQUENCE_LENGTH,
+        guidance >= 0) from the configs alone, so that a bad g2rpo.json stops a run before its weights are read.
+        Raises ValueError naming the value and where it came from."""
+        extra = Path(root) / "g2rpo.json"
+        saved = {}
+        if extra.is_file():
+            try:
+                saved = json.loads(extra.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{extra} is not JSON ({e}): fix or delete it") from None
+            if not isinstance(saved, dict) or set(saved) - set(cls.OPTIONS):
+                raise ValueError(f"{extra} must be a JSON object with some of {', '.join(cls.OPTIONS)}; it has "
+                                 f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__}")
+        opts, where = {}, {}
+        for k in cls.OPTIONS:
+            if given.get(k):
+                opts[k], where[k] = given[k], "given"
+            elif k in saved:
+                opts[k], where[k] = saved[k], str(extra)
+            else:
+                opts[k], where[k] = cls.DEFAULTS[k], f"{cls.__name__}.DEFAULTS"
+
+        def number(v, integer):
+            return not isinstance(v, bool) and (isinstance(v, int) if integer else isinstance(v, (int, float)))
+        multiple = cls.size_multiple(root)
+        for k in ("height", "width"):
+            if not (number(opts[k], True) and opts[k] > 0 and opts[k] % multiple == 0):
+                raise ValueError(f"{k} {opts[k]!r} ({where[k]}): must be a positive multiple of {multiple} for this "
+                                 "model (2x2 patches of its latent cells)")
+        n = opts["max_sequence_length"]
+        if not (number(n, True) and 0 < n <= cls.MAX_SEQUENCE_LENGTH):
+            raise ValueError(f"max_sequence_length {n!r} ({where['max_sequence_length']}): must be in "
+                             f"[1, {cls.MAX_SEQUENCE_LENGTH}] ({cls.__name__}'s text encoder)")
+        w = opts["guidance"]
+        if not (number(w, False) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"guidance {w!r} ({where['guidance']}): must be a finite number >= 0")
+        return opts
 
     @classmethod
     def family(cls) -> str:

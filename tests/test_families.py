@@ -9,6 +9,7 @@ parity of each policy with its pipeline is in tests/test_sd3.py and tests/test_q
 import hashlib
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -173,5 +174,43 @@ def test_a_text_length_beyond_the_encoder_is_refused(folders, family):
     from policy.families import family_of
     folder, _ = folders[family]
     cls = family_of(folder)
-    with pytest.raises(ValueError, match=rf"max_sequence_length must be in \[1, {cls.MAX_SEQUENCE_LENGTH}\]"):
+    with pytest.raises(ValueError, match=rf"max_sequence_length \d+ .*must be in \[1, {cls.MAX_SEQUENCE_LENGTH}\]"):
         cls.from_pretrained(folder, dtype=torch.float32, max_sequence_length=cls.MAX_SEQUENCE_LENGTH + 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_bad_g2rpo_json_stops_train_and_evaluate_before_any_weight_is_read(folders, family, tmp_path, monkeypatch):
+    """The options a folder's g2rpo.json sets are checked from the configs (Policy.options), by train.py's and
+    evaluate.py's argument checks and by from_pretrained before it reads the transformer."""
+    import evaluate
+    import train
+    from launch.arguments import model_errors
+    from policy.families import family_of
+    folder, _ = folders[family]
+    cls, copy = family_of(folder), tmp_path / "model"
+    copy.mkdir()
+    for part in folder.iterdir():  # the same model (linked), its own g2rpo.json
+        if part.name != "g2rpo.json":
+            (copy / part.name).symlink_to(part)
+    m, top = cls.size_multiple(folder), cls.MAX_SEQUENCE_LENGTH
+    cases = {  # g2rpo.json -> what the error names
+        json.dumps({"height": SIZE + m // 2}): rf"height {SIZE + m // 2} \(.*g2rpo.json\): must be a positive multiple "
+                                                rf"of {m}",
+        json.dumps({"max_sequence_length": top + 1}): rf"max_sequence_length {top + 1} \(.*g2rpo.json\).*\[1, {top}\]",
+        json.dumps({"guidance": -1}): r"guidance -1 \(.*g2rpo.json\): must be a finite number >= 0",
+        json.dumps({"hieght": SIZE}): r"g2rpo.json must be a JSON object with some of height, width.*\['hieght'\]",
+        "{height: 32}": r"g2rpo.json is not JSON",
+    }
+    import policy.weights  # from_pretrained imports it when called
+    monkeypatch.setattr(policy.weights, "load_transformer", lambda *a, **k: pytest.fail("weights read"))
+    for text, pattern in cases.items():
+        (copy / "g2rpo.json").write_text(text)
+        errors = model_errors(train.Args(model=str(copy)))
+        assert len(errors) == 1 and re.search(pattern, errors[0]), (text, errors)
+        ref = evaluate.ModelRef(name="m", folder=copy)
+        assert re.search(pattern, evaluate.size_errors(evaluate.Args(), [ref]) or ""), text
+        with pytest.raises(ValueError, match=pattern):
+            cls.from_pretrained(copy, dtype=torch.float32)
+    (copy / "g2rpo.json").write_text(json.dumps({"height": SIZE + m // 2}))  # a flag set overrides the file
+    assert model_errors(train.Args(model=str(copy), height=SIZE)) == []
+    assert cls.options(copy, height=SIZE)["height"] == SIZE
