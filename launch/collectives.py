@@ -30,7 +30,6 @@ import contextlib
 import datetime
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -191,8 +190,12 @@ def run_then_exit(main, *args):
     shows this exit without it. The same exit is used under NCCL (not yet run on a GPU).
 
     The exit status is Python's: 0 on return, SystemExit's code (a message is printed to stderr, status 1), 1
-    after an uncaught exception (its traceback printed as usual), 130 after Ctrl-C. Without a group (a bad flag,
-    a plain `python evaluate.py`) main runs and Python exits as it always does."""
+    after an uncaught exception (its traceback printed by sys.excepthook: torch's adds "[rankN]:"), and Ctrl-C ends
+    the process by SIGINT as Python does. C stdio buffers are flushed too (NCCL_DEBUG's log). What os._exit skips
+    beyond that: joining non-daemon threads (train.py and evaluate.py have none left at their end) and closing files
+    left open (they write with `with`). Without a group (a bad flag, a plain `python evaluate.py`) main runs and
+    Python exits as it always does."""
+    interrupted = False
     try:
         main(*args)
         code = 0
@@ -205,9 +208,18 @@ def run_then_exit(main, *args):
     except BaseException as e:  # noqa: BLE001 - reported as Python would, then the same exit
         if not _group_started:
             raise
-        traceback.print_exception(e)
-        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        sys.excepthook(type(e), e, e.__traceback__)
+        code, interrupted = 1, isinstance(e, KeyboardInterrupt)
     atexit._run_exitfuncs()  # what Python's shutdown would have run (CPython's own hook for this)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(code)
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)  # C-level stdio buffers (libraries' logs), which exit() would flush
+    except (OSError, AttributeError):
+        pass
+    if interrupted:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)

@@ -29,6 +29,7 @@ tests/test_sd3.py does.
     -------------                           ------------
     load_vae(root, dtype) (classmethod)     the decoder, or None (pixel space)
     size_multiple(root) (classmethod)       height and width must be multiples of it (read from configs, no load)
+    max_size(root) (classmethod, optional)  the largest height or width, where the transformer has one (SD3)
     encode(prompts, batch_size)             load the text encoders, yield one Cond per prompt (on the CPU, in
                                             embed_dtype), free them: a generator, so that any number of prompts
                                             streams to disk
@@ -149,11 +150,14 @@ class Policy:
 
         def number(v, integer):
             return not isinstance(v, bool) and (isinstance(v, int) if integer else isinstance(v, (int, float)))
-        multiple = cls.size_multiple(root)
+        multiple, limit = cls.size_multiple(root), cls.max_size(root)
         for k in ("height", "width"):
             if not (number(opts[k], True) and opts[k] > 0 and opts[k] % multiple == 0):
                 raise ValueError(f"{k} {opts[k]!r} ({where[k]}): must be a positive multiple of {multiple} for this "
                                  "model (2x2 patches of its latent cells)")
+            if limit and opts[k] > limit:
+                raise ValueError(f"{k} {opts[k]} ({where[k]}): must be at most {limit} for this model (the "
+                                 "transformer's position table)")
         n = opts["max_sequence_length"]
         if not (number(n, True) and 0 < n <= cls.MAX_SEQUENCE_LENGTH):
             raise ValueError(f"max_sequence_length {n!r} ({where['max_sequence_length']}): must be in "
@@ -207,6 +211,11 @@ class Policy:
     def size_multiple(cls, root) -> int:
         """Height and width must be multiples of this (read from the folder's configs, nothing loaded)."""
         raise NotImplementedError
+
+    @classmethod
+    def max_size(cls, root) -> int:
+        """The largest height or width the transformer takes (read from configs); 0: no limit (rotary positions)."""
+        return 0
 
     def encode(self, prompts: list, batch_size: int):
         raise NotImplementedError

@@ -97,6 +97,12 @@ class SD3Policy(Policy):
         read = lambda part: json.loads((Path(root) / part / "config.json").read_text())  # noqa: E731
         return 2 ** (len(read("vae")["block_out_channels"]) - 1) * read("transformer")["patch_size"]
 
+    @classmethod
+    def max_size(cls, root) -> int:
+        """pos_embed_max_size latent patches (192 for SD3.5: 3072 px): the transformer crops its position table."""
+        cfg = json.loads((Path(root) / "transformer" / "config.json").read_text())
+        return (cfg.get("pos_embed_max_size") or 0) * cls.size_multiple(root)
+
     # ---------------------------------------------------------------- the transformer call
     def forward(self, net, x, t, cond):
         """One call as StableDiffusion3Pipeline makes it: x (B, c, h, w), t (B,) sigmas, cond of B rows ->

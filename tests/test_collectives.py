@@ -210,8 +210,9 @@ def test_exit_is_not_aborted_by_gloo_workers(tmp_path):
     script.write_text(LATE_WORK.format(root=str(ROOT)))
     procs = {}
     for how in ("python", "run_then_exit"):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # so that a lost flush shows
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   OMP_NUM_THREADS="1")
         procs[how] = [subprocess.Popen([sys.executable, str(script), how], env={**env, "RANK": str(r),
                                                                                  "LOCAL_RANK": str(r)},
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -222,3 +223,47 @@ def test_exit_is_not_aborted_by_gloo_workers(tmp_path):
         f"Python's shutdown did not abort here (status {py_rc}): {py_err[-2000:]}")
     (ok_out, ok_err, ok_rc), (_, _, peer_rc) = out["run_then_exit"]
     assert peer_rc == 0 and ok_rc == 0 and ok_out == "main returned\nexit handler ran\n" and not ok_err, ok_err[-2000:]
+
+
+ENDINGS = """
+import sys
+sys.path.insert(0, {root!r})
+from launch import collectives
+
+def main():
+    collectives.init("cpu")  # a group of one (no torchrun): run_then_exit then ends with os._exit
+    print("output before the end", end="")  # left in the buffer: the end must flush it
+    how = sys.argv[1]
+    if how == "message":
+        raise SystemExit("train.py: a clear line")
+    if how == "error":
+        raise RuntimeError("boom")
+    if how == "interrupt":
+        raise KeyboardInterrupt
+    raise SystemExit(int(how))
+
+collectives.run_then_exit(main)
+"""
+
+
+def test_run_then_exit_ends_as_python_would(tmp_path):
+    """Exit status, message and traceback as Python gives them: SystemExit's code (257 -> 1, as the OS truncates it)
+    or message (status 1), an error's traceback through sys.excepthook (torch's, with its rank prefix) and status 1,
+    Ctrl-C as death by SIGINT; buffered output flushed in every case."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    script = tmp_path / "endings.py"
+    script.write_text(ENDINGS.format(root=str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "RANK", "WORLD_SIZE")}
+    cases = {"message": 1, "error": 1, "interrupt": -signal.SIGINT, "0": 0, "3": 3, "257": 1}
+    procs = {how: subprocess.Popen([sys.executable, str(script), how], env={**env, "OMP_NUM_THREADS": "1"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for how in cases}
+    for how, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert (p.returncode, out) == (cases[how], "output before the end"), (how, p.returncode, out, err[-2000:])
+        if how == "message":
+            assert err == "train.py: a clear line\n"
+        if how == "error":
+            assert "Traceback (most recent call last)" in err and "[rank0]: RuntimeError: boom" in err, err

@@ -193,14 +193,18 @@ def test_a_bad_g2rpo_json_stops_train_and_evaluate_before_any_weight_is_read(fol
         if part.name != "g2rpo.json":
             (copy / part.name).symlink_to(part)
     m, top = cls.size_multiple(folder), cls.MAX_SEQUENCE_LENGTH
+    ok = {"height": SIZE, "width": SIZE}  # the tiny model's size (the families' defaults exceed tiny SD3's table)
     cases = {  # g2rpo.json -> what the error names
-        json.dumps({"height": SIZE + m // 2}): rf"height {SIZE + m // 2} \(.*g2rpo.json\): must be a positive multiple "
-                                                rf"of {m}",
-        json.dumps({"max_sequence_length": top + 1}): rf"max_sequence_length {top + 1} \(.*g2rpo.json\).*\[1, {top}\]",
-        json.dumps({"guidance": -1}): r"guidance -1 \(.*g2rpo.json\): must be a finite number >= 0",
-        json.dumps({"hieght": SIZE}): r"g2rpo.json must be a JSON object with some of height, width.*\['hieght'\]",
+        json.dumps({**ok, "height": SIZE + m // 2}): rf"height {SIZE + m // 2} \(.*g2rpo.json\): must be a positive "
+                                                     rf"multiple of {m}",
+        json.dumps({**ok, "max_sequence_length": top + 1}): rf"max_sequence_length {top + 1} \(.*g2rpo.json\).*"
+                                                            rf"\[1, {top}\]",
+        json.dumps({**ok, "guidance": -1}): r"guidance -1 \(.*g2rpo.json\): must be a finite number >= 0",
+        json.dumps({**ok, "hieght": SIZE}): r"g2rpo.json must be a JSON object with some of height, width.*'hieght'",
         "{height: 32}": r"g2rpo.json is not JSON",
     }
+    if limit := cls.max_size(folder):  # SD3: its position table (12 cells of 2x2 patches in the tiny one: 48 px)
+        cases[json.dumps({**ok, "width": limit + m})] = rf"width {limit + m} \(.*g2rpo.json\): must be at most {limit}"
     import policy.weights  # from_pretrained imports it when called
     monkeypatch.setattr(policy.weights, "load_transformer", lambda *a, **k: pytest.fail("weights read"))
     for text, pattern in cases.items():
@@ -211,6 +215,6 @@ def test_a_bad_g2rpo_json_stops_train_and_evaluate_before_any_weight_is_read(fol
         assert re.search(pattern, evaluate.size_errors(evaluate.Args(), [ref]) or ""), text
         with pytest.raises(ValueError, match=pattern):
             cls.from_pretrained(copy, dtype=torch.float32)
-    (copy / "g2rpo.json").write_text(json.dumps({"height": SIZE + m // 2}))  # a flag set overrides the file
+    (copy / "g2rpo.json").write_text(json.dumps({**ok, "height": SIZE + m // 2}))  # a flag overrides the file
     assert model_errors(train.Args(model=str(copy), height=SIZE)) == []
     assert cls.options(copy, height=SIZE)["height"] == SIZE
