@@ -120,7 +120,7 @@ class _NoHook:
 
 
 def plain_tracker(model):
-    """MemTracker for a model that FSDP does not wrap (world size 1 under LoRA, train.shard_model), counting what
+    """MemTracker for a model that FSDP does not wrap (world size 1 under LoRA, launch.sharding.shard_model), counting what
     FSDPMemTracker counts for one it wraps: the model's parameters (kind "Parameter"), gradients and optimizer state,
     and every activation, but not the weights of other modules (the VAE, the reward: FSDPMemTracker leaves them out
     too). Two more changes: a frozen parameter gets no gradient hook (MemTracker would register one and fail), and a
@@ -229,7 +229,7 @@ class Recorder:
             sig = key(*a, **k)
             if replay and sig in memo:
                 counts, excess, like = memo[sig]
-                # a repeat under train.Gathered finds the parameters resident: no collective
+                # a repeat under launch.sharding.Gathered finds the parameters resident: no collective
                 self.meter.n.update({k: v for k, v in counts.items() if not k.startswith("comm_")})
                 self.stack[-1]["bound"] = max(self.stack[-1]["bound"], self.current()["Total"] + excess)
                 return tree_map(lambda s: torch.empty(s.shape, dtype=s.dtype, device=s.device)
@@ -353,7 +353,7 @@ def sim_root(s) -> Path:
 
 def build_policy(s, device):
     """The policy as train.set_up builds it: train.load_model (the transformer on the meta device, under LoRA its
-    fp32 adapters (policy.lora.add_lora) on a bf16 base, sharded by train.shard_model (not at world size 1 under
+    fp32 adapters (policy.lora.add_lora) on a bf16 base, sharded by launch.sharding.shard_model (not at world size 1 under
     LoRA), then this rank's part read from FakeWeights and cast to its dtype), and the VAE; the policy by its class's
     constructor (the family's: bench/scale.py Setting.family)."""
     import train

@@ -12,8 +12,8 @@ per phase of one rank of one iteration, in bytes:
                  under LoRA the frozen base in bf16 (fp32 without bf16 compute) and fp32 adapters, / world
   gradients      fp32, the trained parameters' share (LoRA: the adapters')
   AdamW          two fp32 moments of the trained parameters' share (present from iteration 2 on)
-  gathered copy  the whole transformer in the compute dtype, gathered once for the rollout (train.Gathered); FSDP2
-                 keeps it even at world size 1. train.shard_model returns the plain module at world size 1 under
+  gathered copy  the whole transformer in the compute dtype, gathered once for the rollout (launch.sharding.Gathered); FSDP2
+                 keeps it even at world size 1. launch.sharding.shard_model returns the plain module at world size 1 under
                  LoRA or fp32 (no copy): `gathered_copy=None` follows that rule, True/False forces it
   activations    the largest call's: the rollout's widest batched call (G x |Lambda| rows, no gradients: one
                  block's transient), or one training pass (rows = the trained steps in the pass: with gradients
@@ -45,12 +45,12 @@ RESERVE_GIB = 4.0  # NCCL buffers and allocator fragmentation, beyond the tensor
 # ------------------------------------------------------------------------------------------------
 # Activation constants, in units of rows x tokens x hidden x element size (bf16: 2 bytes). Evidence: the
 # corrected simulation (tests/preflight_sim.py) at FLUX.1-dev's width, W = 8 (full fine-tuning) and W = 1 (LoRA
-# rank 32, with FSDP2 before train.shard_model kept the plain module there, and the plain module since), blocks
+# rank 32, with FSDP2 before launch.sharding.shard_model kept the plain module there, and the plain module since), blocks
 # D + S = 1 + 2, 2 + 2, 1 + 4; one unit per row there is 2,537 x 3,072 x 2 B = 14.9 MiB.
 # ------------------------------------------------------------------------------------------------
 # Per mode: full fine-tuning under FSDP2 (bf16 compute copies of every weight); LoRA on the default targets under
 # FSDP2 (adapters in bf16 too; a frozen linear layer keeps no input for a weight gradient); LoRA on the plain module
-# (world size 1, train.shard_model: peft casts each adapted layer's input to the fp32 adapters, and keeps it).
+# (world size 1, launch.sharding.shard_model: peft casts each adapted layer's input to the fp32 adapters, and keeps it).
 #   rollout    no gradients: the largest transient of one block call, per row. 36 rows: 9.30 / 9.16 / 11.85 GiB
 #              above the rollout's start, the same with 1 + 2, 2 + 2 and 1 + 4 blocks
 #   double, single   with gradients: stored per row per double / single block until its backward. One pass (8 rows):
@@ -229,7 +229,7 @@ def estimate(cfg: dict, world: int = 1, replicas: int = 1, lora_rank: int = 0, l
     the rest: train.Args (Table 4 defaults), the model folder's VAE (vae_factor = 2^(len(block_out_channels) - 1),
     vae_channels = block_out_channels[0]; vae_factor 1 and vae_params 0: pixel space) and reward names (or
     (name, parameters, bytes per parameter, ViT tokens x width) tuples). gathered_copy: None = as
-    train.shard_model (none at world size 1 under LoRA or fp32). trajectory: the --algo baselines (G + 1 rows per
+    launch.sharding.shard_model (none at world size 1 under LoRA or fp32). trajectory: the --algo baselines (G + 1 rows per
     rollout call, G rows per trained step) instead of G2RPO."""
     inputs = {k: v for k, v in locals().items() if k != "cfg"}
     x = SimpleNamespace(**inputs)

@@ -54,7 +54,7 @@ class WeightFiles:
 
 def blocks(transformer) -> list:
     """The transformer's blocks, in order: the items of every ModuleList directly under its root (FLUX:
-    transformer_blocks then single_transformer_blocks; SD3 and Qwen-Image: transformer_blocks). train.shard_model
+    transformer_blocks then single_transformer_blocks; SD3 and Qwen-Image: transformer_blocks). launch.sharding.shard_model
     makes each one FSDP unit; load_transformer fills the weights one block at a time."""
     return [b for child in transformer.children() if isinstance(child, torch.nn.ModuleList) for b in child]
 
@@ -126,7 +126,7 @@ def load_transformer(weights, device="cpu", dtype=torch.float32, prepare=None):
 
     1. built with meta parameters (build_empty: no memory, no random init; buffers real);
     2. `prepare(transformer)` may change it there and returns the module to fill: train.load_model adds the LoRA
-       adapters (policy.lora.add_lora makes them real, with their seeded values) and shards it (train.shard_model:
+       adapters (policy.lora.add_lora makes them real, with their seeded values) and shards it (launch.sharding.shard_model:
        FSDP2's fully_shard takes meta parameters);
     3. every parameter gets memory for its local part only (to_empty: a plain tensor whole, a DTensor its local
        shard, FSDP2 and HSDP alike) and is filled block by block with the rows it holds, read and cast to its dtype

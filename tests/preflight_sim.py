@@ -12,7 +12,7 @@ channels), text encoders and reward model: about 15 s of CPU.
 Two corrections to bench/scale.py's accounting, applied here by patching it for the run (both are what a
 GPU would hold; bench/scale.py itself is left as it is):
   1. replay: a model call whose first run gathered the parameters and left them gathered (the rollout's first
-     call, under train.Gathered) is not replayed. Its recorded excess holds the gathered model, which each replay of
+     call, under launch.sharding.Gathered) is not replayed. Its recorded excess holds the gathered model, which each replay of
      that call (the anchor's batch-1 steps) adds a second time: at FLUX.1-dev scale bench/scale.py's rollout shows
      22.7 GiB of activations (22.2 of them the bf16 model again) where its widest call (36 rows) needs 9.3.
   2. the models around the transformer: the trackers leave the VAE's and the reward model's weights out of their

@@ -2,17 +2,17 @@
 
 FSDP2's MixedPrecisionPolicy casts each sharded module's floating inputs to param_dtype by default: sharded per
 block, that would hand every FLUX block bf16 rotary tables, while evaluate.py, FluxPipeline and an unsharded
-bf16 transformer keep them fp32. train.shard_model casts only the root's inputs, and of those not the timestep (SD3
+bf16 transformer keep them fp32. launch.sharding.shard_model casts only the root's inputs, and of those not the timestep (SD3
 embeds it in fp32, as StableDiffusion3Pipeline passes it); this pins it."""
 import torch
 
-import train
+from launch.sharding import shard_model
 from policy.flux import FluxPolicy
 from tiny_flux import save_tiny_flux
 
 
 def test_sharded_bf16_transformer_equals_the_unsharded_bf16_model(one_rank_group, tmp_path):
-    """The same bf16 inputs into the FSDP2 bf16 transformer (fp32 master weights, train.shard_model) and into the
+    """The same bf16 inputs into the FSDP2 bf16 transformer (fp32 master weights, launch.sharding.shard_model) and into the
     unsharded bf16 transformer that evaluate.py and FluxPipeline run: bitwise the same velocity, fp32 rotary
     tables in every block. (Through FluxPolicy.velocity the two differ by one bf16 step in places only because
     the unsharded call gets the prompt embedding expanded with stride 0, which picks another CPU matmul path.)"""
@@ -23,7 +23,7 @@ def test_sharded_bf16_transformer_equals_the_unsharded_bf16_model(one_rank_group
     for block in list(fp32.transformer.transformer_blocks) + list(fp32.transformer.single_transformer_blocks):
         block.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["image_rotary_emb"][0].dtype),
                                         with_kwargs=True)
-    model = train.shard_model(fp32.transformer, torch.device("cpu"), "bf16", False)
+    model = shard_model(fp32.transformer, torch.device("cpu"), "bf16", False)
     root = []
     model.register_forward_pre_hook(lambda m, args, kw: root.append((kw["hidden_states"].dtype, kw["timestep"].dtype,
                                                                      kw["encoder_hidden_states"].dtype)), with_kwargs=True)
@@ -55,7 +55,8 @@ def test_sharded_bf16_sd3_equals_the_unsharded_bf16_model(one_rank_group, tmp_pa
     bf16 = SD3Policy.from_pretrained(tmp_path / "sd3", dtype=torch.bfloat16, height=32, width=32)
     seen = []
     fp32.transformer.time_text_embed.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
-    model = train.shard_model(fp32.transformer, torch.device("cpu"), "bf16", False, fp32_inputs=SD3Policy.FP32_INPUTS)
+    model = shard_model(fp32.transformer, torch.device("cpu"), "bf16", False,
+                        fp32_inputs=SD3Policy.FP32_INPUTS)
     one = bf16.collate([(bf16.embed("a red cat on the blue house"), 3)])
     cond = type(one)(one.prompt_embeds.contiguous(), one.pooled.contiguous())  # one matmul path for both (stride 0
     # and dense inputs take different CPU kernels, a bf16 step apart in places)

@@ -1,4 +1,4 @@
-"""World size 1 without FSDP (train.shard_model): LoRA on one GPU holds no second, unsharded copy of the base.
+"""World size 1 without FSDP (launch.sharding.shard_model): LoRA on one GPU holds no second, unsharded copy of the base.
 
 At world size 1 FSDP2 has nothing to shard but still keeps an unsharded copy of the parameters in the compute dtype
 beside them (22.3 GiB for FLUX.1-dev in bf16). shard_model returns the plain module where no copy is needed (fp32,
