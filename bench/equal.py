@@ -86,9 +86,10 @@ def score(run: Path, it: int) -> list:
     if not path.exists():
         import torch
         import evaluate
+        from launch import eval_models
         import toy
         torch.set_num_threads(1)
-        ref = evaluate.resolve_model(str(run / f"ckpt_{it:06d}"))
+        ref = eval_models.resolve_model(str(run / f"ckpt_{it:06d}"))
         policy = evaluate.load_policy(ref, evaluate.Args(), torch.device("cpu"), torch.float32, None)
         path.write_text(json.dumps(toy.reward_table(policy, n=16, T=8, seed=0), indent=1))
     return scores(json.loads(path.read_text()))

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import evaluate  # noqa: E402
+from launch import eval_models
 from policy.families import folder_problem  # noqa: E402
 from policy.weights import safetensors_problem  # noqa: E402
 from conftest import free_port  # noqa: E402
@@ -103,7 +104,7 @@ def test_a_damaged_model_is_named_with_its_file_before_any_work(tiny_model, trai
 
 def test_whole_models_pass_the_checks(tiny_model, train_out):
     for spec in ("final", "ckpt_000001", "lora"):
-        assert evaluate.model_problem(evaluate.resolve_model(str(train_out / spec))) == "", spec
+        assert eval_models.model_problem(eval_models.resolve_model(str(train_out / spec))) == "", spec
 
 
 def test_safetensors_problem_from_the_header_alone(tiny_model, tmp_path):

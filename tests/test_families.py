@@ -184,6 +184,7 @@ def test_a_bad_g2rpo_json_stops_train_and_evaluate_before_any_weight_is_read(fol
     evaluate.py's argument checks and by from_pretrained before it reads the transformer."""
     import evaluate
     import train
+    from launch import eval_models
     from launch.arguments import model_errors
     from policy.families import family_of
     folder, _ = folders[family]
@@ -211,8 +212,8 @@ def test_a_bad_g2rpo_json_stops_train_and_evaluate_before_any_weight_is_read(fol
         (copy / "g2rpo.json").write_text(text)
         errors = model_errors(train.Args(model=str(copy)))
         assert len(errors) == 1 and re.search(pattern, errors[0]), (text, errors)
-        ref = evaluate.ModelRef(name="m", folder=copy)
-        assert re.search(pattern, evaluate.size_errors(evaluate.Args(), [ref]) or ""), text
+        ref = eval_models.ModelRef(name="m", folder=copy)
+        assert re.search(pattern, eval_models.size_errors(evaluate.Args(), [ref]) or ""), text
         with pytest.raises(ValueError, match=pattern):
             cls.from_pretrained(copy, dtype=torch.float32)
     (copy / "g2rpo.json").write_text(json.dumps({**ok, "height": SIZE + m // 2}))  # a flag overrides the file

@@ -85,7 +85,8 @@ def test_the_guard_stops_a_run_and_keeps_the_best(tiny_model, tmp_path):
     assert best > 0  # this run improves before it stalls: best/ is the model of that iteration
     from safetensors.torch import load_file
     import evaluate
+    from launch import eval_models
     kept = load_file(str(next((out / "best" / "transformer").glob("*.safetensors"))))
-    ref = evaluate.resolve_model(str(out / f"ckpt_{best:06d}"), str(tiny_model[0]))
+    ref = eval_models.resolve_model(str(out / f"ckpt_{best:06d}"), str(tiny_model[0]))
     at_best = evaluate.load_policy(ref, evaluate.Args(), "cpu", torch.float32, None).transformer.state_dict()
     assert set(kept) == set(at_best) and all(torch.equal(kept[k], at_best[k]) for k in kept)

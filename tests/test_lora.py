@@ -9,6 +9,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import evaluate
+from launch import eval_models
 from policy.flux import FluxPolicy
 from policy.lora import add_lora, adapter_state, trainable
 from test_train import launch, metrics, resumed_copy
@@ -53,7 +54,7 @@ def call_base(state):
 
 def adapter(path, model_dir) -> dict:
     """The adapter weights of a train.py output (ckpt_* or final/), loaded as evaluate.py loads models."""
-    ref = evaluate.resolve_model(str(path), str(model_dir))
+    ref = eval_models.resolve_model(str(path), str(model_dir))
     a = evaluate.Args(dtype="fp32", device="cpu")
     policy = evaluate.load_policy(ref, a, torch.device("cpu"), torch.float32, None)
     return adapter_state(policy.transformer), policy

@@ -107,7 +107,8 @@ def test_smoke_two_processes(runs, tiny_model):
 def checkpoint_weights(ckpt: Path, model_dir: Path) -> dict:
     """The transformer weights a train.py checkpoint holds, read as evaluate.py reads them."""
     import evaluate
-    ref = evaluate.resolve_model(str(ckpt), str(model_dir))
+    from launch import eval_models
+    ref = eval_models.resolve_model(str(ckpt), str(model_dir))
     policy = evaluate.load_policy(ref, evaluate.Args(dtype="fp32", device="cpu"), torch.device("cpu"), torch.float32,
                                   None)
     return policy.transformer.state_dict()
