@@ -61,3 +61,23 @@ LONGEST_FIRST = ("test_train.py", "test_faults.py", "test_families.py", "test_lo
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, its own order
+
+
+def capture_kwargs(module) -> list:
+    """Record the keyword arguments of every forward call of `module` (what a pipeline passes its transformer)."""
+    calls = []
+    module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    return calls
+
+
+class CountingLoads:
+    """Counts the from_pretrained calls of the class `name` that `module` (a policy file) imported: how often the
+    text encoders are loaded, i.e. whether the prompt cache was used."""
+
+    def __init__(self, monkeypatch, module, name):
+        cls, self.n = getattr(module, name), 0
+
+        def counted(*args, **kwargs):
+            self.n += 1
+            return cls.from_pretrained(*args, **kwargs)
+        monkeypatch.setattr(module, name, type(name, (), {"from_pretrained": staticmethod(counted)}))

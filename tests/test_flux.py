@@ -18,6 +18,7 @@ H = W = 32  # tiny VAE downsamples 2x: latent 16x16, 64 tokens of 64 channels
 MAX_LEN = 16
 TOL = 1e-5  # fp32 on both sides; what remains is fp32 rounding (the pipeline passes sigma*1000/1000)
 
+from conftest import CountingLoads, capture_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -32,25 +33,6 @@ def model_dir(tmp_path_factory):
 def load(path, **kw):
     kw = {"height": H, "width": W, "max_sequence_length": MAX_LEN, "dtype": torch.float32, **kw}
     return flux.FluxPolicy.from_pretrained(path, **kw)
-
-
-def capture_kwargs(module):
-    """Record the keyword arguments of every forward call of `module`."""
-    calls = []
-    module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
-    return calls
-
-
-class CountingLoads:
-    """Patches a class imported by flux so that from_pretrained calls are counted."""
-
-    def __init__(self, monkeypatch, name):
-        cls, self.n = getattr(flux, name), 0
-
-        def counted(*args, **kwargs):
-            self.n += 1
-            return cls.from_pretrained(*args, **kwargs)
-        monkeypatch.setattr(flux, name, type(name, (), {"from_pretrained": staticmethod(counted)}))
 
 
 def sample(policy, cond, sigmas, generator):
@@ -185,7 +167,7 @@ def test_gradients_flow_through_a_given_module(model_dir):
 
 
 def test_prompt_cache_on_disk(model_dir, tmp_path, monkeypatch):
-    clip, t5 = CountingLoads(monkeypatch, "CLIPTextModel"), CountingLoads(monkeypatch, "T5EncoderModel")
+    clip, t5 = CountingLoads(monkeypatch, flux, "CLIPTextModel"), CountingLoads(monkeypatch, flux, "T5EncoderModel")
     cache = tmp_path / "cache"
     policy = load(model_dir, cache_dir=cache)
     assert policy.encode_prompts(["a cat", "a dog", "a cat"]) == 2 and (clip.n, t5.n) == (1, 1)
@@ -214,7 +196,7 @@ def test_prompt_cache_on_disk(model_dir, tmp_path, monkeypatch):
 
 
 def test_prompt_cache_in_memory(model_dir, monkeypatch):
-    t5 = CountingLoads(monkeypatch, "T5EncoderModel")
+    t5 = CountingLoads(monkeypatch, flux, "T5EncoderModel")
     policy = load(model_dir)
     first = policy.embed("a cat")
     assert t5.n == 1 and torch.equal(policy.embed("a cat").prompt_embeds, first.prompt_embeds) and t5.n == 1
@@ -288,7 +270,7 @@ def test_embeddings_are_stored_in_the_precision_they_are_used_in(model_dir, tmp_
 def test_the_encoders_precision_is_part_of_the_key(model_dir, tmp_path, monkeypatch):
     """A LoRA run under bf16 runs its text encoders in bf16, a full run in fp32 (its master weights); both store bf16.
     In one run folder (--overwrite keeps the prompt cache) each must get its own embeddings, not the other's."""
-    t5 = CountingLoads(monkeypatch, "T5EncoderModel")
+    t5 = CountingLoads(monkeypatch, flux, "T5EncoderModel")
     cache = tmp_path / "cache"
     full = load(model_dir, dtype=torch.float32, cache_dir=cache, embed_dtype=torch.bfloat16).embed("a red house")
     lora = load(model_dir, dtype=torch.bfloat16, cache_dir=cache, embed_dtype=torch.bfloat16).embed("a red house")

@@ -16,6 +16,7 @@ PROMPT = "a photo of a red cat on the house"
 H = W = 32  # the tiny VAE downsamples 4x: latent 8x8, 16 tokens of 64 channels
 TOL = 1e-5  # fp32 on both sides; what remains is fp32 rounding (the pipeline passes float32(1000 sigma) / 1000)
 
+from conftest import CountingLoads, capture_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -36,25 +37,6 @@ def pipe(model_dir):
 
 def load(path, **kw):
     return QwenImagePolicy.from_pretrained(path, **{"height": H, "width": W, "dtype": torch.float32, **kw})
-
-
-def capture_kwargs(module):
-    calls = []
-    module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
-    return calls
-
-
-class CountingLoads:
-    """Counts the text encoder loads of policy.qwen_image."""
-
-    def __init__(self, monkeypatch):
-        cls, self.n = qwen_image.Qwen2_5_VLForConditionalGeneration, 0
-
-        def counted(*args, **kwargs):
-            self.n += 1
-            return cls.from_pretrained(*args, **kwargs)
-        monkeypatch.setattr(qwen_image, "Qwen2_5_VLForConditionalGeneration",
-                            type("Counted", (), {"from_pretrained": staticmethod(counted)}))
 
 
 def test_parity_with_qwen_image_pipeline(model_dir, pipe):
@@ -137,7 +119,7 @@ def test_rows_of_prompts_of_different_lengths(model_dir):
 
 
 def test_prompt_cache_on_disk_and_in_memory(model_dir, tmp_path, monkeypatch):
-    loads = CountingLoads(monkeypatch)
+    loads = CountingLoads(monkeypatch, qwen_image, "Qwen2_5_VLForConditionalGeneration")
     fresh = load(model_dir)  # in memory
     a = fresh.embed("a cat")
     assert loads.n == 1 and torch.equal(fresh.embed("a cat").prompt_embeds, a.prompt_embeds) and loads.n == 1

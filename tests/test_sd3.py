@@ -20,6 +20,7 @@ H, W = tiny_sd3.H, tiny_sd3.W
 MAX_LEN = 16
 TOL = 1e-5  # fp32 on both sides; what remains is fp32 rounding (the scheduler shifts the grid in float32)
 
+from conftest import CountingLoads, capture_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -41,13 +42,6 @@ def pipe(model_dir):
 def load(path, **kw):
     kw = {"height": H, "width": W, "max_sequence_length": MAX_LEN, "dtype": torch.float32, **kw}
     return sd3.SD3Policy.from_pretrained(path, **kw)
-
-
-def capture_kwargs(module):
-    """Record the keyword arguments of every forward call of `module`."""
-    calls = []
-    module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
-    return calls
 
 
 def run_pipe(pipe, T, guidance, output_type, seed=7):
@@ -112,23 +106,11 @@ def test_one_batched_call_unconditional_first(model_dir):
     torch.testing.assert_close(v, out[:3] + 4.5 * (out[3:] - out[:3]), atol=0, rtol=0)  # v_u + w (v_c - v_u)
 
 
-class CountingLoads:
-    """Patches a class imported by sd3 so that from_pretrained calls are counted."""
-
-    def __init__(self, monkeypatch, name):
-        cls, self.n = getattr(sd3, name), 0
-
-        def counted(*args, **kwargs):
-            self.n += 1
-            return cls.from_pretrained(*args, **kwargs)
-        monkeypatch.setattr(sd3, name, type(name, (), {"from_pretrained": staticmethod(counted)}))
-
-
 def test_prompt_cache_round_trips(model_dir, tmp_path, monkeypatch):
     fresh = load(model_dir)
     want = {p: fresh.embed(p) for p in ("a cat", "")}  # in memory
     assert fresh.encode_prompts(["a cat"]) == 0  # the negative prompt was stored along
-    t5 = CountingLoads(monkeypatch, "T5EncoderModel")
+    t5 = CountingLoads(monkeypatch, sd3, "T5EncoderModel")
     cache = tmp_path / "cache"
     assert load(model_dir, cache_dir=cache).encode_prompts(["a cat"]) == 2 and t5.n == 1  # the prompt and ""
     assert len(list(cache.glob("*.pt"))) == 2
